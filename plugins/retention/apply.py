@@ -1,0 +1,102 @@
+"""Act on decisions: set-based DELETE / UPDATE / archive per batch of keys, each batch one
+transaction together with its audit entries (written to the source's outbox)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import date
+
+from sqlalchemy import delete, insert, literal, or_, select, tuple_, update
+
+from . import audit
+from .decide import ARCHIVE, DELETE, STRIP
+from .rules import Rules, TableSpec
+from .sources import ARCHIVED_ON, Sources
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A decision to act on for one row, as carried from the decide step."""
+
+    key: tuple
+    subject: object
+    archived: bool
+    action: str
+    rules: tuple
+    reason: str
+    fields: tuple = ()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_id: str
+    as_of: date
+    key: bytes  # HMAC key of the audit trail
+    rules: Rules
+
+
+def _key_in(table, spec: TableSpec, keys: list[tuple]):
+    cols = [table.c[name] for name in spec.primary_key]
+    if len(cols) == 1:
+        return cols[0].in_([k[0] for k in keys])
+    return tuple_(*cols).in_(keys)
+
+
+def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: RunContext) -> Counter:
+    """Apply one batch atomically; returns the count of rows actually changed per action.
+
+    Each statement RETURNs the keys it really changed, and only those get an audit entry, so a row
+    that vanished since the decision is neither counted nor audited."""
+    live = sources.table(spec.system, spec.name)
+    needs_archive = any(p.action == ARCHIVE or p.archived for p in batch)
+    archive = sources.archive(spec.system, spec.name, create=needs_archive) if needs_archive else None
+    outbox = sources.outbox(spec.system)
+    groups: dict[tuple, list[Planned]] = defaultdict(list)
+    for planned in batch:
+        groups[(planned.action, planned.archived, planned.fields)].append(planned)
+
+    counts: Counter = Counter()
+    entries = []
+    recorded_at = audit.now()
+    with sources.engine(spec.system).begin() as conn:
+        for (action, archived, fields), group in groups.items():
+            target = archive if archived else live
+            keys = [p.key for p in group]
+            condition = _key_in(target, spec, keys)
+            pk = [target.c[name] for name in spec.primary_key]
+            if action == DELETE:
+                statement = delete(target).where(condition).returning(*pk)
+            elif action == STRIP:
+                filled = or_(*[target.c[f].is_not(None) for f in fields])
+                statement = update(target).where(condition, filled).values({f: None for f in fields}).returning(*pk)
+            elif action == ARCHIVE:
+                names = [c.name for c in live.columns]
+                conn.execute(insert(archive).from_select(
+                    names + [ARCHIVED_ON], select(*live.c, literal(run.as_of).label(ARCHIVED_ON)).where(condition)))
+                statement = delete(live).where(condition).returning(*pk)
+            else:
+                raise ValueError(f"action {action!r} does not change a source row")
+            changed = {tuple(row) for row in conn.execute(statement)}
+            for planned in group:
+                if tuple(planned.key) in changed:
+                    entries.append(_entry(spec, planned, run, recorded_at))
+                    counts[action] += 1
+        if entries:
+            conn.execute(insert(outbox), entries)
+    return counts
+
+
+def _entry(spec: TableSpec, planned: Planned, run: RunContext, recorded_at) -> dict:
+    rhash = audit.record_hash(run.key, spec.system, spec.name, planned.key)
+    purposes = []
+    for name in planned.rules:
+        purposes += [p for p in run.rules.rules[name].purposes if p not in purposes]
+    action = planned.action + ("_from_archive" if planned.archived else "")
+    return dict(
+        entry_id=audit.entry_id(run.as_of, spec.system, spec.name, rhash, action, planned.fields),
+        run_id=run.run_id, as_of=run.as_of, system=spec.system, table_name=spec.name, record_hash=rhash,
+        subject_hash=audit.subject_hash(run.key, planned.subject), action=action,
+        rules=",".join(planned.rules), purposes=",".join(purposes), fields=",".join(planned.fields) or None,
+        reason=planned.reason, recorded_at=recorded_at,
+    )

@@ -1,0 +1,124 @@
+"""Per record and purpose, as of a date: which rules still justify keeping it, and what to do.
+
+Pure functions over plain data: the facts extracted for one row (its key, subject, event dates and
+which strippable fields are filled) go in, one Decision comes out. No database, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from .durations import fiscal_year_close
+from .rules import Binding, Settings, TableSpec
+
+KEEP, STRIP, DELETE, ARCHIVE, ANONYMISE_PENDING = "keep", "strip", "delete", "archive", "anonymise_pending"
+ACTIONS = (DELETE, STRIP, ARCHIVE, ANONYMISE_PENDING, KEEP)
+CHANGING = (DELETE, STRIP, ARCHIVE)  # actions that change a source row
+
+
+@dataclass(frozen=True)
+class EventValue:
+    """An event as known for one row: the date it happened, or ongoing (e.g. an active contract)."""
+
+    day: date | None = None
+    ongoing: bool = False
+
+
+@dataclass(frozen=True)
+class Facts:
+    key: tuple
+    subject: object = None
+    events: dict = None  # event name -> EventValue
+    present: frozenset = frozenset()  # strippable fields that hold a value
+    archived: bool = False  # the row lives in the intermediate archive
+
+
+@dataclass(frozen=True)
+class RuleStatus:
+    rule: str
+    alive: bool
+    keep_until: date | None  # last day kept; None while the clock has not started
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    rules: tuple
+    reason: str
+    fields: tuple = ()
+
+
+def latest_of(values) -> EventValue:
+    """An event is the latest of its items; an ongoing item means it has not happened yet."""
+    values = list(values)
+    if any(v.ongoing for v in values):
+        return EventValue(ongoing=True)
+    days = [v.day for v in values if v.day is not None]
+    return EventValue(day=max(days)) if days else EventValue()
+
+
+def rule_status(binding: Binding, facts: Facts, as_of: date, settings: Settings) -> RuleStatus:
+    rule = binding.rule
+    events = facts.events or {}
+    if rule.requires:
+        required = events.get(rule.requires, EventValue())
+        if required.day is None and not required.ongoing:
+            return RuleStatus(rule.name, False, None,
+                              f"{rule.name}: no {rule.requires}, so the purpose never applied")
+    clock = events.get(rule.clock, EventValue())
+    early = events.get(rule.ends_early_on) if rule.ends_early_on else None
+    if early is not None and early.day is not None and not early.ongoing:
+        if as_of > early.day:
+            return RuleStatus(rule.name, False, early.day,
+                              f"{rule.name}: ended by {rule.ends_early_on} on {early.day}")
+    if clock.ongoing:
+        return RuleStatus(rule.name, True, None, f"{rule.name}: {rule.clock} not reached (ongoing)")
+    if clock.day is None:
+        return RuleStatus(rule.name, True, None, f"{rule.name}: no {rule.clock} date, clock not started")
+    start, counted = clock.day, f"{rule.clock} {clock.day}"
+    if rule.counted_from == "fiscal_year_close":
+        start = fiscal_year_close(clock.day, *settings.fiscal_year_close)
+        counted += f", fiscal year closed {start}"
+    keep_until = rule.duration.after(start)
+    if early is not None and early.day is not None and not early.ongoing:
+        keep_until = min(keep_until, early.day)
+    alive = as_of <= keep_until
+    state = "kept through" if alive else "expired after"
+    return RuleStatus(rule.name, alive, keep_until, f"{rule.name}: {counted} + {rule.duration}, {state} {keep_until}")
+
+
+def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
+           held: dict | None = None) -> Decision:
+    """One decision for one row. `held` maps held subjects to the reason of their legal hold."""
+    statuses = [(b, rule_status(b, facts, as_of, settings)) for b in table.retention]
+    alive = [(b, s) for b, s in statuses if s.alive]
+    hold_reason = (held or {}).get(facts.subject) if facts.subject is not None else None
+
+    if alive:
+        # The purpose that lasts longest is the one keeping the record.
+        keeper = max(alive, key=lambda bs: bs[1].keep_until or date.max)[1]
+        kept_fields = {f for b, _ in alive for f in b.fields}
+        expired = [(b, s) for b, s in statuses if not s.alive]
+        strip = tuple(f for f in table.strip_fields
+                      if f in facts.present and f not in kept_fields
+                      and any(f in b.fields for b, _ in expired))
+        if strip and hold_reason is None:
+            rules = tuple(s.rule for b, s in expired if set(b.fields) & set(strip))
+            reasons = "; ".join(s.reason for b, s in expired if s.rule in rules)
+            return Decision(STRIP, rules, f"{reasons}; record kept for {keeper.reason}", strip)
+        if strip:
+            return Decision(KEEP, (keeper.rule,), f"legal hold: {hold_reason}; {keeper.reason}")
+        return Decision(KEEP, (keeper.rule,), keeper.reason)
+
+    # Every purpose has ended: the last one to end is the rule acted under.
+    last = max(statuses, key=lambda bs: bs[1].keep_until or date.min)[1]
+    reason = "; ".join(s.reason for _, s in statuses)
+    if hold_reason is not None:
+        if facts.archived:
+            return Decision(KEEP, (last.rule,), f"legal hold: {hold_reason}; kept in archive; {reason}")
+        return Decision(ARCHIVE, (last.rule,), f"legal hold: {hold_reason}; {reason}")
+    if table.on_expiry == "anonymise":
+        return Decision(ANONYMISE_PENDING, (last.rule,), f"{reason}; anonymisation not available yet, left untouched")
+    return Decision(DELETE, (last.rule,), reason)

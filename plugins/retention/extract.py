@@ -1,0 +1,120 @@
+"""Extract the facts decisions need: keys, dates, statuses and null-flags, never personal values.
+
+Rows are read in key-range batches (keyset pagination), and each related lookup is one grouped
+query per batch, so memory stays bounded by the batch size whatever the table size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sqlalchemy import Table, and_, case, func, literal, select, tuple_
+
+from .decide import EventValue, Facts, latest_of
+from .durations import as_date
+from .rules import Item, Related, TableSpec, needed_items, used_events
+from .sources import Sources
+
+DEFAULT_BATCH = 2000
+
+
+def _pk_columns(table: Table, spec: TableSpec):
+    return [table.c[name] for name in spec.primary_key]
+
+
+def _local_columns(spec: TableSpec) -> list[str]:
+    """Columns of the row itself that items, lookups and the subject read."""
+    names: list[str] = []
+    for item in needed_items(spec):
+        name = item.column if item.column else item.related.local
+        if name not in spec.lookups and name not in names:
+            names.append(name)
+    if spec.subject and spec.subject not in spec.lookups and spec.subject not in names:
+        names.append(spec.subject)
+    return names
+
+
+def presence_label(field: str) -> str:
+    return f"__present__{field}"
+
+
+def batches(sources: Sources, spec: TableSpec, batch_size: int = DEFAULT_BATCH,
+            archived: bool = False) -> Iterator[list[Facts]]:
+    """Facts for every row of the table (or of its archive), one batch at a time, in key order."""
+    table = sources.archive(spec.system, spec.name) if archived else sources.table(spec.system, spec.name)
+    if table is None:
+        return
+    pk = _pk_columns(table, spec)
+    locals_ = [table.c[name] for name in _local_columns(spec) if name not in spec.primary_key]
+    flags = [case((table.c[f].is_(None), literal(0)), else_=literal(1)).label(presence_label(f))
+             for f in spec.strip_fields]
+    base = select(*pk, *locals_, *flags).order_by(*pk).limit(batch_size)
+    engine = sources.engine(spec.system)
+    last = None
+    while True:
+        query = base
+        if last is not None:
+            query = query.where(tuple_(*pk) > tuple_(*last) if len(pk) > 1 else pk[0] > last[0])
+        with engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        if not rows:
+            return
+        yield _facts(sources, spec, rows, archived)
+        last = tuple(rows[-1][c.name] for c in pk)
+        if len(rows) < batch_size:
+            return
+
+
+def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool) -> list[Facts]:
+    cache: dict[Related, dict] = {}
+    for name, item in spec.lookups.items():  # lookups first: later items may link through them
+        for row, (value, _) in zip(rows, _item_values(sources, item, rows, cache)):
+            row[name] = value
+    per_event = {name: [_item_values(sources, i, rows, cache) for i in event.items]
+                 for name, event in used_events(spec).items()}
+    facts = []
+    for index, row in enumerate(rows):
+        facts.append(Facts(
+            key=tuple(row[c] for c in spec.primary_key),
+            subject=row.get(spec.subject) if spec.subject else None,
+            events={name: latest_of(_event_value(*values[index]) for values in item_values)
+                    for name, item_values in per_event.items()},
+            present=frozenset(f for f in spec.strip_fields if row[presence_label(f)]),
+            archived=archived,
+        ))
+    return facts
+
+
+def _event_value(value, ongoing: bool) -> EventValue:
+    return EventValue(ongoing=True) if ongoing else EventValue(day=as_date(value))
+
+
+def _item_values(sources: Sources, item: Item, rows: list[dict], cache: dict) -> list[tuple]:
+    """(latest value, ongoing) of the item for each row."""
+    if item.column:
+        return [(row[item.column], row[item.column] is None and item.ongoing_if_null) for row in rows]
+    rel = item.related
+    if rel not in cache:
+        keys = {row[rel.local] for row in rows if row[rel.local] is not None}
+        cache[rel] = _related_latest(sources, rel, keys)
+    found = cache[rel]
+    values = []
+    for row in rows:
+        latest, nulls = found.get(row[rel.local], (None, 0))
+        values.append((latest, bool(nulls) and rel.ongoing_if_null))
+    return values
+
+
+def _related_latest(sources: Sources, rel: Related, keys: set) -> dict:
+    """{link value: (latest value, count of NULL values)} for the given link values."""
+    if not keys:
+        return {}
+    table = sources.table(rel.system, rel.table)
+    link, column = table.c[rel.remote], table.c[rel.column]
+    conditions = [link.in_(sorted(keys, key=str))]
+    for name, values in rel.where:
+        conditions.append(table.c[name].in_(values))
+    query = (select(link, func.max(column), func.sum(case((column.is_(None), 1), else_=0)))
+             .where(and_(*conditions)).group_by(link))
+    with sources.engine(rel.system).connect() as conn:
+        return {row[0]: (row[1], row[2] or 0) for row in conn.execute(query)}

@@ -1,0 +1,328 @@
+"""The steps of a retention run, shared by the CLI and the Airflow tasks:
+
+    holds -> extract (per system) -> decide (per system) -> apply + publish (per system) -> summary
+
+Each step reads and writes small staging files in the run's directory, so the Airflow tasks can
+run them separately (and on different workers sharing $RETENTION_HOME). Every decision of a run is
+taken before any source is changed, so a run acts on one consistent view of all systems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from sqlalchemy import select
+
+from . import audit as audit_mod
+from .apply import Planned, RunContext, apply_batch
+from .connections import retention_home
+from .decide import ACTIONS, CHANGING, EventValue, Facts, decide
+from .extract import DEFAULT_BATCH, batches
+from .rules import Rules
+from .sources import Sources
+
+log = logging.getLogger("retention")
+SAMPLES = 3
+Progress = Callable[[str, str, int], None]  # (system, table, rows done in this step)
+
+
+@dataclass
+class Run:
+    run_id: str
+    as_of: date
+    systems: list[str]
+    dry_run: bool = False
+    batch_size: int = DEFAULT_BATCH
+    kind: str = "manual"  # scheduled | manual | backfill | cli
+
+    @property
+    def directory(self) -> Path:
+        path = retention_home() / "runs" / safe_name(self.run_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def mode(self) -> str:
+        return "dry_run" if self.dry_run else "enforce"
+
+
+def safe_name(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+
+
+# ---------------------------------------------------------------- holds
+
+
+def compute_holds(rules: Rules, sources: Sources) -> dict:
+    """{subject: reason} for every subject under a legal hold, across all systems."""
+    held: dict = {}
+    for spec in rules.systems.values():
+        for hold in spec.holds:
+            table = sources.table(spec.name, hold.table)
+            query = select(table.c[hold.subject]).distinct().where(
+                *[table.c[col].in_(values) for col, values in hold.where])
+            with sources.engine(spec.name).connect() as conn:
+                for (subject,) in conn.execute(query):
+                    if subject is not None:
+                        held.setdefault(subject, hold.reason)
+    return held
+
+
+def write_holds(run: Run, held: dict) -> None:
+    _write_json(run.directory / "holds.json", [[s, r] for s, r in held.items()])
+
+
+def read_holds(run: Run) -> dict:
+    return {s: r for s, r in _read_json(run.directory / "holds.json")}
+
+
+# ---------------------------------------------------------------- extract
+
+
+def extract_system(rules: Rules, sources: Sources, run: Run, system: str,
+                   progress: Progress | None = None) -> int:
+    """Write the facts of every mapped row (live and archived) of one system. Returns rows read."""
+    path = _staging(run, system, "facts")
+    total = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for spec in rules.system(system).tables.values():
+            for archived in (False, True):
+                for batch in batches(sources, spec, run.batch_size, archived=archived):
+                    for facts in batch:
+                        out.write(json.dumps(_facts_to_json(spec.name, facts), default=str) + "\n")
+                    total += len(batch)
+                    if progress:
+                        progress(system, spec.name, len(batch))
+    log.info("extracted %d rows from %s", total, system)
+    return total
+
+
+def _facts_to_json(table: str, facts: Facts) -> dict:
+    return {"t": table, "k": list(facts.key), "s": facts.subject, "a": facts.archived,
+            "p": sorted(facts.present),
+            "e": {n: [v.day.isoformat() if v.day else None, v.ongoing] for n, v in facts.events.items()}}
+
+
+def _facts_from_json(row: dict) -> Facts:
+    return Facts(key=tuple(row["k"]), subject=row["s"], archived=row["a"], present=frozenset(row["p"]),
+                 events={n: EventValue(date.fromisoformat(d) if d else None, o) for n, (d, o) in row["e"].items()})
+
+
+# ---------------------------------------------------------------- decide
+
+
+@dataclass
+class Tally:
+    """Records per (system, table, action), and per (system, table, rule, action) with a few
+    sample reasons. A record acted on under two rules counts once in `records`, once per rule."""
+
+    records: Counter = field(default_factory=Counter)
+    by_rule: Counter = field(default_factory=Counter)
+    samples: dict = field(default_factory=dict)
+
+    def add(self, system: str, table: str, rules: tuple, action: str, reason: str) -> None:
+        self.records[(system, table, action)] += 1
+        for rule in rules:
+            key = (system, table, rule, action)
+            self.by_rule[key] += 1
+            bucket = self.samples.setdefault(key, [])
+            if len(bucket) < SAMPLES and reason not in bucket:
+                bucket.append(reason)
+
+    def merge(self, other: "Tally") -> None:
+        self.records.update(other.records)
+        self.by_rule.update(other.by_rule)
+        for key, reasons in other.samples.items():
+            bucket = self.samples.setdefault(key, [])
+            bucket += [r for r in reasons if r not in bucket][: SAMPLES - len(bucket)]
+
+    def actions(self, system: str | None = None) -> dict:
+        totals = Counter()
+        for (s, _t, action), n in self.records.items():
+            if system is None or s == system:
+                totals[action] += n
+        return {a: totals.get(a, 0) for a in ACTIONS}
+
+    def to_json(self) -> dict:
+        return {
+            "records": [{"system": s, "table": t, "action": a, "count": n}
+                        for (s, t, a), n in sorted(self.records.items())],
+            "by_rule": [{"system": s, "table": t, "rule": r, "action": a, "count": n,
+                         "samples": self.samples.get((s, t, r, a), [])}
+                        for (s, t, r, a), n in sorted(self.by_rule.items())],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Tally":
+        tally = cls()
+        for row in data["records"]:
+            tally.records[(row["system"], row["table"], row["action"])] = row["count"]
+        for row in data["by_rule"]:
+            key = (row["system"], row["table"], row["rule"], row["action"])
+            tally.by_rule[key] = row["count"]
+            tally.samples[key] = row["samples"]
+        return tally
+
+
+def decide_system(rules: Rules, run: Run, system: str, held: dict) -> Tally:
+    """Decide every extracted row of one system; writes the rows to act on, returns the tally."""
+    spec = rules.system(system)
+    tally = Tally()
+    with open(_staging(run, system, "decisions"), "w", encoding="utf-8") as out:
+        for row in _read_lines(_staging(run, system, "facts")):
+            table = spec.tables[row["t"]]
+            facts = _facts_from_json(row)
+            decision = decide(table, facts, run.as_of, rules.settings, held)
+            tally.add(system, table.name, decision.rules, decision.action, decision.reason)
+            if decision.action in CHANGING:
+                out.write(json.dumps({"t": table.name, "k": list(facts.key), "s": facts.subject,
+                                      "a": facts.archived, "action": decision.action,
+                                      "rules": list(decision.rules), "reason": decision.reason,
+                                      "fields": list(decision.fields)}, default=str) + "\n")
+    _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
+    return tally
+
+
+def read_tally(run: Run, system: str) -> Tally:
+    return Tally.from_json(_read_json(_staging(run, system, "tally", ".json")))
+
+
+# ---------------------------------------------------------------- apply
+
+
+def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, run: Run, system: str,
+                 key: bytes, progress: Progress | None = None) -> Counter:
+    """Act on one system's decisions in batches, then publish its audit entries."""
+    store.publish(sources, system)  # entries a crashed run left in the outbox come first
+    spec = rules.system(system)
+    context = RunContext(run.run_id, run.as_of, key, rules)
+    done: Counter = Counter()
+    for table_name, batch in _planned_batches(run, system, run.batch_size):
+        done.update(apply_batch(sources, spec.tables[table_name], batch, context))
+        if progress:
+            progress(system, table_name, len(batch))
+    published = store.publish(sources, system)
+    log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
+    _write_json(_staging(run, system, "applied", ".json"), dict(done))
+    return done
+
+
+def _planned_batches(run: Run, system: str, size: int) -> Iterator[tuple[str, list[Planned]]]:
+    current, batch = None, []
+    for row in _read_lines(_staging(run, system, "decisions")):
+        if batch and (row["t"] != current or len(batch) >= size):
+            yield current, batch
+            batch = []
+        current = row["t"]
+        batch.append(Planned(tuple(row["k"]), row["s"], row["a"], row["action"], tuple(row["rules"]),
+                             row["reason"], tuple(row["fields"])))
+    if batch:
+        yield current, batch
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarize(rules: Rules, run: Run, tally: Tally, applied: dict | None, held_count: int) -> dict:
+    """The run summary: what was decided and, unless a dry run, what was actually changed."""
+    systems = sorted({s for s, _t, _a in tally.records} | set(run.systems))
+    summary = {
+        "run_id": run.run_id, "as_of": run.as_of.isoformat(), "mode": run.mode, "kind": run.kind,
+        "systems": run.systems, "actions": tally.actions(),
+        "by_system": {s: tally.actions(s) for s in systems},
+        "details": tally.to_json(), "held_subjects": held_count,
+        "dpo_settings": [{"rule": r.name, "duration": str(r.duration), "decision": r.decision}
+                         for r in rules.rules.values() if r.set_by_dpo],
+    }
+    if applied is not None:
+        summary["applied"] = {s: {a: applied.get(s, {}).get(a, 0) for a in CHANGING} for s in systems}
+    return summary
+
+
+def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
+    """Gather the steps' results into the run summary, record the run, clear the staging files."""
+    tally = Tally()
+    for system in run.systems:
+        tally.merge(read_tally(run, system))
+    applied = None
+    if not run.dry_run:
+        applied = {s: _read_json(_staging(run, s, "applied", ".json")) for s in run.systems}
+    summary = summarize(rules, run, tally, applied, len(read_holds(run)))
+    summary["summary_file"] = str(run.directory / "summary.json")
+    if not run.dry_run:
+        store = audit_mod.AuditStore.open(use_airflow)
+        summary["audit_entries_total"] = store.count()
+        store.record_run(run.run_id, run.as_of, run.mode, run.systems, summary)
+    write_summary(run, summary)
+    cleanup_staging(run)
+    return summary
+
+
+def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progress | None = None) -> dict:
+    """A whole run in one process (the CLI): every decision first, then every change."""
+    sources = Sources(rules, use_airflow)
+    try:
+        write_holds(run, compute_holds(rules, sources))
+        held = read_holds(run)
+        for system in run.systems:
+            extract_system(rules, sources, run, system, progress)
+            decide_system(rules, run, system, held)
+        if not run.dry_run:
+            store = audit_mod.AuditStore.open(use_airflow)
+            key = audit_mod.audit_key(use_airflow)
+            for system in run.systems:
+                apply_system(rules, sources, store, run, system, key, progress)
+        return finish(rules, run, use_airflow)
+    finally:
+        sources.dispose()
+
+
+def write_summary(run: Run, summary: dict) -> Path:
+    path = run.directory / "summary.json"
+    _write_json(path, summary)
+    return path
+
+
+def cleanup_staging(run: Run) -> None:
+    """Staging files hold keys of records; they go once the run is summarised."""
+    staging = run.directory / "staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _staging(run: Run, system: str, name: str, suffix: str = ".jsonl") -> Path:
+    path = run.directory / "staging" / system
+    path.mkdir(parents=True, exist_ok=True)
+    return path / f"{name}{suffix}"
+
+
+def _read_lines(path: Path) -> Iterator[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the previous step of this run first")
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_json(path: Path):
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the previous step of this run first")
+    return json.loads(path.read_text(encoding="utf-8"))
+

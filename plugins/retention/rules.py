@@ -1,0 +1,579 @@
+"""The rules as code: load retention_rules/ (policy + data map) into plain objects, or say exactly
+which file and line is wrong and how to fix it. Nothing here touches a database."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import yaml_lines
+from .durations import Duration, DurationError, parse_duration, parse_month_day
+
+THEN_ACTIONS = ("delete", "anonymise", "delete_or_anonymise")
+ON_EXPIRY = ("delete", "anonymise")
+COUNTED_FROM = ("event", "fiscal_year_close")
+LEGAL_BASES = (
+    "consent", "contract", "pre_contractual_measures", "legal_obligation", "legitimate_interest",
+    "vital_interest", "public_task",
+)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# ---------------------------------------------------------------- plain data the engine reads
+
+
+@dataclass(frozen=True)
+class Related:
+    """The latest value of `column` among rows of `table` (in `system`) linked to this row."""
+
+    system: str
+    table: str
+    column: str
+    local: str
+    remote: str
+    where: tuple = ()  # ((column, (values...)), ...)
+    ongoing_if_null: bool = False
+
+
+@dataclass(frozen=True)
+class Item:
+    column: str | None = None
+    related: Related | None = None
+    ongoing_if_null: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    items: tuple
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    label: str
+    purposes: tuple
+    clock: str
+    duration: Duration
+    then: str
+    counted_from: str = "event"
+    ends_early_on: str | None = None
+    requires: str | None = None
+    set_by: str = "policy"
+    decision: str | None = None
+    note: str | None = None
+    line: int = 0
+
+    @property
+    def set_by_dpo(self) -> bool:
+        return self.set_by == "dpo"
+
+
+@dataclass(frozen=True)
+class Binding:
+    rule: Rule
+    fields: tuple = ()
+
+
+@dataclass(frozen=True)
+class Hold:
+    table: str
+    where: tuple
+    subject: str
+    reason: str
+
+
+@dataclass
+class TableSpec:
+    system: str
+    name: str
+    primary_key: tuple
+    subject: str | None
+    lookups: dict  # name -> Item
+    events: dict  # name -> Event (system events overridden by the table's)
+    retention: tuple  # Binding...
+    on_expiry: str = "delete"
+    file: str = ""
+    line: int = 0
+
+    @property
+    def strip_fields(self) -> tuple:
+        seen: list[str] = []
+        for binding in self.retention:
+            seen += [f for f in binding.fields if f not in seen]
+        return tuple(seen)
+
+
+@dataclass
+class SystemSpec:
+    name: str
+    label: str
+    connection: str
+    tables: dict  # name -> TableSpec
+    holds: tuple
+    file: str = ""
+
+
+@dataclass
+class Settings:
+    fiscal_year_close: tuple = (12, 31)
+    timezone: str = "Europe/Paris"
+
+
+@dataclass
+class Purpose:
+    name: str
+    label: str
+    legal_basis: str
+    number: int | None = None
+
+
+@dataclass
+class Rules:
+    directory: Path
+    settings: Settings
+    purposes: dict
+    rules: dict
+    systems: dict
+
+    def system(self, name: str) -> SystemSpec:
+        if name not in self.systems:
+            raise RulesError([Problem(str(self.directory / "systems"), 0,
+                                      f"unknown system {name!r}",
+                                      f"use one of: {', '.join(sorted(self.systems))}")])
+        return self.systems[name]
+
+
+# ---------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.message}. Fix: {self.fix}."
+
+
+class RulesError(Exception):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def default_directory() -> Path:
+    if os.environ.get("RETENTION_RULES"):
+        return Path(os.environ["RETENTION_RULES"])
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "retention_rules" / "policy.yaml").exists():
+            return parent / "retention_rules"
+    return Path.cwd() / "retention_rules"
+
+
+def system_names(directory: Path | None = None) -> list[str]:
+    """Names of the declared systems, from file names only: cheap enough for DAG parsing."""
+    directory = Path(directory or default_directory())
+    return sorted(p.stem for p in (directory / "systems").glob("*.yaml"))
+
+
+def load_rules(directory: Path | str | None = None) -> Rules:
+    directory = Path(directory or default_directory())
+    problems: list[Problem] = []
+    policy_file = directory / "policy.yaml"
+    raw_policy = _read(policy_file, problems)
+    settings, purposes, rules = Settings(), {}, {}
+    if raw_policy is not None:
+        settings, purposes, rules = _policy(raw_policy, str(policy_file), problems)
+    systems = {}
+    files = sorted((directory / "systems").glob("*.yaml"))
+    if not files:
+        problems.append(Problem(str(directory / "systems"), 0, "no system is declared",
+                                "add one YAML file per source system, e.g. systems/crm.yaml"))
+    raw_systems = {}
+    for path in files:
+        raw = _read(path, problems)
+        if raw is not None:
+            raw_systems[path] = raw
+    for path, raw in raw_systems.items():
+        spec = _system(raw, path, rules, problems)
+        if spec is not None:
+            systems[spec.name] = spec
+    _check_related_targets(systems, problems)
+    if problems:
+        raise RulesError(problems)
+    return Rules(directory, settings, purposes, rules, systems)
+
+
+def _read(path: Path, problems: list[Problem]):
+    try:
+        raw = yaml_lines.load(path)
+    except FileNotFoundError:
+        problems.append(Problem(str(path), 0, "file not found", "create it or set RETENTION_RULES"))
+        return None
+    except yaml.YAMLError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        problems.append(Problem(str(path), yaml_lines.error_line(exc), f"YAML error: {detail}",
+                                "correct the YAML syntax (indentation, colons, quotes)"))
+        return None
+    if not isinstance(raw, dict):
+        problems.append(Problem(str(path), 1, "the file must be a mapping", "start with `key: value` lines"))
+        return None
+    return raw
+
+
+class _Checker:
+    """Small helpers that append a Problem instead of raising, so one run lists every error."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file, self.problems = file, problems
+
+    def problem(self, line: int, message: str, fix: str) -> None:
+        self.problems.append(Problem(self.file, line, message, fix))
+
+    def keys(self, mapping: dict, where: str, required: tuple, optional: tuple) -> bool:
+        ok = True
+        for key in required:
+            if key not in mapping:
+                self.problem(mapping.line, f"{where}: missing `{key}`", f"add `{key}:` to {where}")
+                ok = False
+        allowed = set(required) | set(optional)
+        for key in mapping:
+            if key not in allowed and not str(key).startswith("x-"):
+                self.problem(mapping.line_of(key), f"{where}: unknown key `{key}`",
+                             f"remove it or use one of: {', '.join(sorted(allowed))}")
+                ok = False
+        return ok
+
+    def mapping(self, value, line: int, where: str) -> bool:
+        if isinstance(value, dict):
+            return True
+        self.problem(line, f"{where} must be a mapping", "indent `key: value` lines under it")
+        return False
+
+    def name(self, value, line: int, where: str) -> bool:
+        if isinstance(value, str) and _NAME.match(value):
+            return True
+        self.problem(line, f"{where}: {value!r} is not a valid name", "use letters, digits and underscores")
+        return False
+
+
+def _policy(raw: dict, file: str, problems: list[Problem]):
+    check = _Checker(file, problems)
+    check.keys(raw, "policy.yaml", ("purposes", "rules"), ("settings",))
+    settings = Settings()
+    raw_settings = raw.get("settings") or {}
+    if check.mapping(raw_settings, raw.line_of("settings"), "settings"):
+        check.keys(raw_settings, "settings", (), ("fiscal_year_close", "timezone"))
+        if "fiscal_year_close" in raw_settings:
+            try:
+                settings.fiscal_year_close = parse_month_day(raw_settings["fiscal_year_close"])
+            except DurationError as exc:
+                check.problem(raw_settings.line_of("fiscal_year_close"), f"fiscal_year_close: {exc}",
+                              "set the month and day the fiscal year closes, e.g. \"12-31\"")
+        if "timezone" in raw_settings:
+            settings.timezone = str(raw_settings["timezone"])
+            try:
+                import zoneinfo
+
+                zoneinfo.ZoneInfo(settings.timezone)
+            except Exception:  # noqa: BLE001 - any failure means an unusable zone name
+                check.problem(raw_settings.line_of("timezone"), f"unknown time zone {settings.timezone!r}",
+                              "use an IANA name such as Europe/Paris")
+
+    purposes = {}
+    raw_purposes = raw.get("purposes") or {}
+    if check.mapping(raw_purposes, raw.line_of("purposes"), "purposes"):
+        for name, spec in raw_purposes.items():
+            line = raw_purposes.line_of(name)
+            if not (check.name(name, line, "purpose") and check.mapping(spec, line, f"purpose {name}")):
+                continue
+            check.keys(spec, f"purpose {name}", ("label", "legal_basis"), ("number",))
+            basis = spec.get("legal_basis")
+            if basis is not None and basis not in LEGAL_BASES:
+                check.problem(spec.line_of("legal_basis"), f"purpose {name}: unknown legal basis {basis!r}",
+                              f"use one of: {', '.join(LEGAL_BASES)} (GDPR 6(1))")
+            purposes[name] = Purpose(name, str(spec.get("label", name)), str(basis), spec.get("number"))
+
+    rules = {}
+    raw_rules = raw.get("rules") or {}
+    if check.mapping(raw_rules, raw.line_of("rules"), "rules"):
+        for name, spec in raw_rules.items():
+            line = raw_rules.line_of(name)
+            if not (check.name(name, line, "rule") and check.mapping(spec, line, f"rule {name}")):
+                continue
+            rule = _rule(name, spec, purposes, check)
+            if rule is not None:
+                rules[name] = rule
+    return settings, purposes, rules
+
+
+def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None:
+    where = f"rule {name}"
+    if not check.keys(spec, where, ("label", "purposes", "clock", "duration", "then"),
+                      ("counted_from", "ends_early_on", "requires", "set_by", "decision", "note")):
+        return None
+    rule_purposes = spec["purposes"]
+    if not isinstance(rule_purposes, list) or not rule_purposes:
+        check.problem(spec.line_of("purposes"), f"{where}: `purposes` must be a non-empty list",
+                      "write e.g. `purposes: [customer_relationship]`")
+        return None
+    for purpose in rule_purposes:
+        if purpose not in purposes:
+            check.problem(spec.line_of("purposes"), f"{where}: unknown purpose {purpose!r}",
+                          f"declare it under `purposes:` or use one of: {', '.join(sorted(purposes))}")
+    try:
+        duration = parse_duration(spec["duration"])
+    except DurationError as exc:
+        check.problem(spec.line_of("duration"), f"{where}: {exc}", "e.g. `duration: 3 years`")
+        return None
+    then = spec["then"]
+    if then not in THEN_ACTIONS:
+        check.problem(spec.line_of("then"), f"{where}: `then: {then}` is not an end action",
+                      f"use one of: {', '.join(THEN_ACTIONS)}")
+    counted_from = spec.get("counted_from", "event")
+    if counted_from not in COUNTED_FROM:
+        check.problem(spec.line_of("counted_from"), f"{where}: unknown `counted_from: {counted_from}`",
+                      f"use one of: {', '.join(COUNTED_FROM)}")
+    set_by = spec.get("set_by", "policy")
+    if set_by not in ("policy", "dpo"):
+        check.problem(spec.line_of("set_by"), f"{where}: `set_by` must be policy or dpo",
+                      "write `set_by: dpo` for a value the policy leaves to the DPO")
+    if set_by == "dpo" and not spec.get("decision"):
+        check.problem(spec.line, f"{where}: a DPO-set duration needs its `decision`",
+                      "add `decision:` quoting the DPO's decision and its date")
+    for key in ("clock", "ends_early_on", "requires"):
+        if key in spec and spec[key] is not None:
+            check.name(spec[key], spec.line_of(key), f"{where}: {key}")
+    return Rule(
+        name=name, label=str(spec["label"]), purposes=tuple(rule_purposes), clock=str(spec["clock"]),
+        duration=duration, then=str(then), counted_from=counted_from,
+        ends_early_on=spec.get("ends_early_on"), requires=spec.get("requires"), set_by=set_by,
+        decision=spec.get("decision"), note=spec.get("note"), line=spec.line,
+    )
+
+
+def _system(raw: dict, path: Path, rules: dict, problems: list[Problem]) -> SystemSpec | None:
+    file = str(path)
+    check = _Checker(file, problems)
+    if not check.keys(raw, path.name, ("system", "tables"), ("label", "connection", "events", "holds")):
+        return None
+    name = raw["system"]
+    if not check.name(name, raw.line_of("system"), "system"):
+        return None
+    if name != path.stem:
+        check.problem(raw.line_of("system"), f"system {name!r} is declared in {path.name}",
+                      f"name the file {name}.yaml or set `system: {path.stem}`")
+    system_events = _events(raw.get("events") or _empty_mapping(), raw.line_of("events"), name, check)
+    tables = {}
+    raw_tables = raw["tables"]
+    if check.mapping(raw_tables, raw.line_of("tables"), "tables"):
+        for table_name, spec in raw_tables.items():
+            line = raw_tables.line_of(table_name)
+            if check.name(table_name, line, "table") and check.mapping(spec, line, f"table {table_name}"):
+                table = _table(name, table_name, spec, system_events, rules, check)
+                if table is not None:
+                    tables[table_name] = table
+    holds = []
+    raw_holds = raw.get("holds") or []
+    if not isinstance(raw_holds, list):
+        check.problem(raw.line_of("holds"), "`holds` must be a list", "write one `- table: ...` entry per hold")
+        raw_holds = []
+    for index, spec in enumerate(raw_holds):
+        line = raw_holds.line_of(index)
+        if not check.mapping(spec, line, "hold"):
+            continue
+        if not check.keys(spec, "hold", ("table", "where", "subject", "reason"), ()):
+            continue
+        holds.append(Hold(spec["table"], _where(spec["where"], spec.line_of("where"), "hold", check),
+                          spec["subject"], str(spec["reason"])))
+        if spec["table"] not in raw_tables:
+            check.problem(spec.line_of("table"), f"hold on unknown table {spec['table']!r}",
+                          "declare the table under `tables:` or correct its name")
+    connection = str(raw.get("connection") or f"retention_{name}")
+    return SystemSpec(name, str(raw.get("label", name)), connection, tables, tuple(holds), file)
+
+
+def _empty_mapping() -> yaml_lines.LineDict:
+    empty = yaml_lines.LineDict()
+    empty.key_lines = {}
+    return empty
+
+
+def _events(raw, line: int, system: str, check: _Checker) -> dict:
+    events = {}
+    if not check.mapping(raw, line, "events"):
+        return events
+    for name, spec in raw.items():
+        eline = raw.line_of(name)
+        if not (check.name(name, eline, "event") and check.mapping(spec, eline, f"event {name}")):
+            continue
+        if not check.keys(spec, f"event {name}", ("latest_of",), ()):
+            continue
+        items = spec["latest_of"]
+        if not isinstance(items, list) or not items:
+            check.problem(spec.line_of("latest_of"), f"event {name}: `latest_of` must be a non-empty list",
+                          "list the dates whose latest starts the clock, e.g. `- column: created_on`")
+            continue
+        parsed = [_item(item, items.line_of(i), system, f"event {name}", check) for i, item in enumerate(items)]
+        if all(parsed):
+            events[name] = Event(name, tuple(parsed))
+    return events
+
+
+def _item(raw, line: int, system: str, where: str, check: _Checker) -> Item | None:
+    if not check.mapping(raw, line, where):
+        return None
+    if "related" in raw:
+        if not check.keys(raw, where, ("related",), ()):
+            return None
+        rel = raw["related"]
+        if not check.mapping(rel, raw.line_of("related"), f"{where}: related"):
+            return None
+        if not check.keys(rel, f"{where}: related", ("table", "column", "link"),
+                          ("system", "where", "ongoing_if_null")):
+            return None
+        link = rel["link"]
+        if not isinstance(link, dict) or len(link) != 1:
+            check.problem(rel.line_of("link"), f"{where}: related `link` must join exactly one column",
+                          "write `link: {local_column: related_column}`")
+            return None
+        (local, remote), = link.items()
+        ongoing = _bool(rel.get("ongoing_if_null", False), rel.line_of("ongoing_if_null"), where, check)
+        return Item(related=Related(
+            system=str(rel.get("system", system)), table=str(rel["table"]), column=str(rel["column"]),
+            local=str(local), remote=str(remote),
+            where=_where(rel.get("where") or {}, rel.line_of("where"), where, check), ongoing_if_null=ongoing,
+        ))
+    if not check.keys(raw, where, ("column",), ("ongoing_if_null",)):
+        return None
+    ongoing = _bool(raw.get("ongoing_if_null", False), raw.line_of("ongoing_if_null"), where, check)
+    return Item(column=str(raw["column"]), ongoing_if_null=ongoing)
+
+
+def _bool(value, line: int, where: str, check: _Checker) -> bool:
+    if isinstance(value, bool):
+        return value
+    check.problem(line, f"{where}: expected true or false, got {value!r}", "write true or false")
+    return False
+
+
+def _where(raw, line: int, where: str, check: _Checker) -> tuple:
+    if not check.mapping(raw, line, f"{where}: where"):
+        return ()
+    pairs = []
+    for column, value in raw.items():
+        values = tuple(value) if isinstance(value, list) else (value,)
+        pairs.append((str(column), values))
+    return tuple(pairs)
+
+
+def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict, check: _Checker):
+    where = f"table {name}"
+    if not check.keys(spec, where, ("primary_key", "retention"), ("subject", "lookups", "events", "on_expiry")):
+        return None
+    pk = spec["primary_key"]
+    if not isinstance(pk, list) or not pk or not all(isinstance(c, str) for c in pk):
+        check.problem(spec.line_of("primary_key"), f"{where}: `primary_key` must list its column(s)",
+                      "write e.g. `primary_key: [contact_id]`")
+        return None
+    lookups = {}
+    raw_lookups = spec.get("lookups") or {}
+    if check.mapping(raw_lookups, spec.line_of("lookups"), f"{where}: lookups"):
+        for lname, item in raw_lookups.items():
+            parsed = _item(item, raw_lookups.line_of(lname), system, f"{where}: lookup {lname}", check)
+            if parsed is not None:
+                lookups[lname] = parsed
+    events = dict(system_events)
+    events.update(_events(spec.get("events") or _empty_mapping(), spec.line_of("events"), system, check))
+    on_expiry = spec.get("on_expiry", "delete")
+    if on_expiry not in ON_EXPIRY:
+        check.problem(spec.line_of("on_expiry"), f"{where}: unknown `on_expiry: {on_expiry}`",
+                      f"use one of: {', '.join(ON_EXPIRY)}")
+    bindings = []
+    raw_retention = spec["retention"]
+    if not isinstance(raw_retention, list) or not raw_retention:
+        check.problem(spec.line_of("retention"), f"{where}: `retention` must list at least one rule",
+                      "write `- rule: <name of a rule in policy.yaml>`")
+        return None
+    for index, raw in enumerate(raw_retention):
+        line = raw_retention.line_of(index)
+        if not check.mapping(raw, line, f"{where}: retention entry"):
+            continue
+        if not check.keys(raw, f"{where}: retention entry", ("rule",), ("fields",)):
+            continue
+        rule = rules.get(raw["rule"])
+        if rule is None:
+            check.problem(raw.line_of("rule"), f"{where}: unknown rule {raw['rule']!r}",
+                          f"use a rule of policy.yaml: {', '.join(sorted(rules)) or '(none loaded)'}")
+            continue
+        fields = raw.get("fields") or []
+        if not isinstance(fields, list):
+            check.problem(raw.line_of("fields"), f"{where}: `fields` must be a list", "write `fields: [a, b]`")
+            continue
+        for column in fields:
+            if column in pk:
+                check.problem(raw.line_of("fields"), f"{where}: primary key column {column!r} cannot be stripped",
+                              "remove it from `fields`")
+        for event_name in filter(None, (rule.clock, rule.ends_early_on, rule.requires)):
+            if event_name not in events:
+                check.problem(raw.line_of("rule"),
+                              f"{where}: rule {rule.name} needs event {event_name!r}, which this system does not define",
+                              f"define `{event_name}` under `events:` of the system or of the table")
+        bindings.append(Binding(rule, tuple(str(f) for f in fields)))
+    if on_expiry == "anonymise":
+        # Rules that only strip fields never see the record end; the ones governing it must allow it.
+        strict = [b.rule.name for b in bindings if b.rule.then == "delete" and not b.fields]
+        if strict:
+            check.problem(spec.line_of("on_expiry"),
+                          f"{where}: `on_expiry: anonymise` but rule(s) {', '.join(strict)} end with delete only",
+                          "use `on_expiry: delete`, or change the rule's `then` if the policy allows anonymising")
+    subject = spec.get("subject")
+    return TableSpec(system, name, tuple(pk), subject, lookups, events, tuple(bindings), on_expiry,
+                     check.file, spec.line)
+
+
+def _check_related_targets(systems: dict, problems: list[Problem]) -> None:
+    """Related tables in other systems must be declared systems (their tables may be unmapped)."""
+    for spec in systems.values():
+        for table in spec.tables.values():
+            for item in _all_items(table):
+                if item.related and item.related.system not in systems:
+                    problems.append(Problem(table.file, table.line,
+                                            f"table {table.name}: related system {item.related.system!r} is not declared",
+                                            f"use one of: {', '.join(sorted(systems))}"))
+
+
+def _all_items(table: TableSpec):
+    yield from table.lookups.values()
+    for event in table.events.values():
+        yield from event.items
+
+
+def used_events(table: TableSpec) -> dict:
+    """The events the table's rules actually need, by name."""
+    names = []
+    for binding in table.retention:
+        for name in (binding.rule.clock, binding.rule.ends_early_on, binding.rule.requires):
+            if name and name not in names:
+                names.append(name)
+    return {name: table.events[name] for name in names}
+
+
+def needed_items(table: TableSpec):
+    """Every item the table's decisions read: lookups first, then the used events' items."""
+    items = list(table.lookups.values())
+    for event in used_events(table).values():
+        items += [i for i in event.items if i not in items]
+    return items

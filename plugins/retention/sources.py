@@ -1,0 +1,105 @@
+"""Access to the source systems: one engine per system, tables reflected from the live database,
+and the engine's own side tables there (the audit outbox and the intermediate archive)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Date, DateTime, Engine, MetaData, String, Table, Text, inspect
+from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
+
+from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
+from .rules import Rules
+
+OUTBOX_TABLE = "retention_audit_outbox"
+ARCHIVE_PREFIX = "retention_archive__"
+ARCHIVED_ON = "retention_archived_on"
+
+# The audit entry columns, shared by the outbox in each source and the central audit store.
+AUDIT_COLUMNS = (
+    ("entry_id", String(64)), ("run_id", String(250)), ("as_of", Date), ("system", String(64)),
+    ("table_name", String(128)), ("record_hash", String(64)), ("subject_hash", String(64)),
+    ("action", String(32)), ("rules", String(512)), ("purposes", String(512)), ("fields", String(512)),
+    ("reason", Text), ("recorded_at", DateTime),
+)
+
+
+def audit_table(metadata: MetaData, name: str) -> Table:
+    columns = [Column(n, t, primary_key=(n == "entry_id"), nullable=(n in ("subject_hash", "fields")))
+               for n, t in AUDIT_COLUMNS]
+    return Table(name, metadata, *columns)
+
+
+class SourceUnavailable(ConnectionProblem):
+    pass
+
+
+class Sources:
+    """Engines and reflected tables of the declared systems, opened on first use."""
+
+    def __init__(self, rules: Rules, use_airflow: bool = False):
+        self.rules = rules
+        self.use_airflow = use_airflow
+        self._engines: dict[str, Engine] = {}
+        self._metadata: dict[str, MetaData] = {}
+
+    def url(self, system: str) -> str:
+        spec = self.rules.system(system)
+        return resolve_url(spec.connection, system, self.use_airflow)
+
+    def engine(self, system: str) -> Engine:
+        if system not in self._engines:
+            url = self.url(system)
+            engine = make_engine(url)
+            try:
+                with engine.connect():
+                    pass
+            except (OperationalError, SQLAlchemyError) as exc:
+                engine.dispose()
+                conn_id = self.rules.system(system).connection
+                raise SourceUnavailable(
+                    f"cannot reach system {system!r} at {describe(url)} (connection {conn_id!r}): "
+                    f"{str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}. Check the server is up and "
+                    f"{env_var(conn_id)} (or the Airflow connection {conn_id!r}) is right."
+                ) from None
+            self._engines[system] = engine
+            self._metadata[system] = MetaData()
+        return self._engines[system]
+
+    def table(self, system: str, name: str) -> Table:
+        self.engine(system)
+        metadata = self._metadata[system]
+        if name in metadata.tables:
+            return metadata.tables[name]
+        try:
+            return Table(name, metadata, autoload_with=self.engine(system))
+        except NoSuchTableError:
+            raise SourceUnavailable(f"table {name!r} does not exist in system {system!r} "
+                                    f"({describe(self.url(system))})") from None
+
+    def has_table(self, system: str, name: str) -> bool:
+        return inspect(self.engine(system)).has_table(name)
+
+    def archive(self, system: str, name: str, create: bool = False) -> Table | None:
+        """The intermediate archive of a table: same columns, separate from the live rows."""
+        archive_name = ARCHIVE_PREFIX + name
+        if not self.has_table(system, archive_name):
+            if not create:
+                return None
+            source = self.table(system, name)
+            metadata = MetaData()
+            columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=True) for c in source.columns]
+            Table(archive_name, metadata, *columns, Column(ARCHIVED_ON, Date, nullable=False))
+            metadata.create_all(self.engine(system))
+        return self.table(system, archive_name)
+
+    def outbox(self, system: str) -> Table:
+        if not self.has_table(system, OUTBOX_TABLE):
+            metadata = MetaData()
+            audit_table(metadata, OUTBOX_TABLE)
+            metadata.create_all(self.engine(system))
+        return self.table(system, OUTBOX_TABLE)
+
+    def dispose(self) -> None:
+        for engine in self._engines.values():
+            engine.dispose()
+        self._engines.clear()
+        self._metadata.clear()
