@@ -1,0 +1,222 @@
+"""The `retention` command line: rules check, demo seed, plan (dry run) and run.
+
+Exit codes scripts can rely on:
+  0 success - 1 unexpected failure - 2 bad usage or bad input (date, option)
+  3 the rules are invalid (file, line and fix printed) - 4 a database is unreachable or missing a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import date, datetime, timezone
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .connections import ConnectionProblem
+from .durations import DurationError, parse_as_of
+from .rules import RulesError, load_rules
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE = 0, 1, 2, 3, 4
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class UsageProblem(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "json", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.handler(args)
+    except RulesError as exc:
+        err.print(f"[bold red]The rules are invalid[/] ({len(exc.problems)} problem(s)); nothing was changed:")
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False)
+        return EXIT_RULES
+    except ConnectionProblem as exc:
+        err.print(f"[bold red]Database problem[/]; nothing was changed: {exc}", markup=True)
+        return EXIT_DATABASE
+    except (UsageProblem, DurationError) as exc:
+        err.print(f"[bold red]Error:[/] {exc}")
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rules", help="rules directory (default: retention_rules/ or $RETENTION_RULES)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    rules = commands.add_parser("rules", help="work with the rules").add_subparsers(dest="rules_command", required=True)
+    check = rules.add_parser("check", help="validate the rules, then against the live databases")
+    check.add_argument("--offline", action="store_true", help="validate the files only, reach no database")
+    check.set_defaults(handler=cmd_rules_check)
+
+    demo = commands.add_parser("demo", help="demo data").add_subparsers(dest="demo_command", required=True)
+    seed = demo.add_parser("seed", help="(re)create the three demo systems with Faker data")
+    seed.add_argument("--size", type=int, default=2000, help="number of companies (default 2000)")
+    seed.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
+    seed.add_argument("--anchor", default=None, help="last day of the demo timeline (YYYY-MM-DD)")
+    seed.set_defaults(handler=cmd_demo_seed)
+
+    for name, help_text in (("plan", "dry run: what a run would do, writing nothing"),
+                            ("run", "enforce the rules as of a date")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--as-of", required=True, help="the date decisions are taken as of (YYYY-MM-DD)")
+        sub.add_argument("--system", action="append", help="limit to this system (repeatable)")
+        sub.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+        sub.add_argument("--batch-size", type=int, default=2000, help="rows per batch and transaction")
+        if name == "run":
+            sub.add_argument("--dry-run", action="store_true", help="same as `plan`")
+        sub.set_defaults(handler=cmd_run, dry_run=(name == "plan"))
+    return parser
+
+
+def cmd_rules_check(args) -> int:
+    rules = load_rules(args.rules)
+    tables = sum(len(s.tables) for s in rules.systems.values())
+    out.print(f"Rules valid: {len(rules.rules)} rules, {len(rules.systems)} systems, {tables} tables.")
+    if args.offline:
+        return EXIT_OK
+    from .live_check import check_live
+    from .sources import Sources
+
+    sources = Sources(rules)
+    try:
+        problems = check_live(rules, sources)
+    finally:
+        sources.dispose()
+    if problems:
+        raise RulesError(problems)
+    out.print("Live databases match the rules: every table and column exists, dates are dates.")
+    return EXIT_OK
+
+
+def cmd_demo_seed(args) -> int:
+    from .demo.seed import DEFAULT_ANCHOR, seed
+    from .sources import Sources
+
+    if args.size < 1:
+        raise UsageProblem("--size must be at least 1")
+    anchor = parse_as_of(args.anchor) if args.anchor else DEFAULT_ANCHOR
+    rules = load_rules(args.rules)
+    sources = Sources(rules)
+    try:
+        engines = {name: sources.engine(name) for name in ("crm", "accounting", "marketing")}
+        counts = seed(engines, args.size, args.seed, anchor)
+    finally:
+        sources.dispose()
+    table = Table(title=f"Demo data seeded (size {args.size}, seed {args.seed}, timeline to {anchor})")
+    for column in ("system", "table", "rows"):
+        table.add_column(column, justify="right" if column == "rows" else "left")
+    for system, tables in counts.items():
+        for name, n in tables.items():
+            table.add_row(system, name, str(n))
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .pipeline import Run, execute
+
+    as_of = parse_as_of(args.as_of)
+    if as_of > date.today():
+        raise UsageProblem(f"as-of {as_of} is in the future: a run as of a future date would remove data "
+                           "before its time. Use today's date or an earlier one")
+    if args.batch_size < 1:
+        raise UsageProblem("--batch-size must be at least 1")
+    rules = load_rules(args.rules)
+    systems = args.system or sorted(rules.systems)
+    for name in systems:
+        rules.system(name)  # unknown system: RulesError naming the valid ones
+    _live_check(rules, systems)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    run = Run(run_id=f"cli__{as_of}__{stamp}", as_of=as_of, systems=systems, dry_run=args.dry_run,
+              batch_size=args.batch_size, kind="cli")
+    if args.json:
+        summary = execute(rules, run)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rows"),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            tasks: dict = {}
+
+            def progress(system: str, table: str, rows: int) -> None:
+                label = f"{system}.{table}"
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=None)
+                bar.advance(tasks[label], rows)
+
+            summary = execute(rules, run, progress=progress)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print_summary(summary)
+    return EXIT_OK
+
+
+def _live_check(rules, systems: list[str]) -> None:
+    from .live_check import check_live
+    from .sources import Sources
+
+    sources = Sources(rules)
+    try:
+        problems = check_live(rules, sources, sorted(set(systems) | _related_systems(rules, systems)))
+    finally:
+        sources.dispose()
+    if problems:
+        raise RulesError(problems)
+
+
+def _related_systems(rules, systems: list[str]) -> set:
+    from .rules import needed_items
+
+    related = set()
+    for name in systems:
+        for table in rules.system(name).tables.values():
+            related |= {i.related.system for i in needed_items(table) if i.related}
+    return related
+
+
+def print_summary(summary: dict) -> None:
+    mode = "DRY RUN - nothing was changed" if summary["mode"] == "dry_run" else "enforced"
+    out.print(f"[bold]Retention run {summary['run_id']}[/] as of {summary['as_of']} ({mode})")
+    table = Table(title="Records per system and action")
+    actions = list(summary["actions"])
+    table.add_column("system")
+    for action in actions:
+        table.add_column(action, justify="right")
+    for system, counts in summary["by_system"].items():
+        table.add_row(system, *[str(counts[a]) for a in actions])
+    table.add_row("[bold]total[/]", *[f"[bold]{summary['actions'][a]}[/]" for a in actions])
+    out.print(table)
+    detail = Table(title="Per table and rule (actions only; sample reason)")
+    for column in ("system", "table", "rule", "action", "records", "sample reason"):
+        detail.add_column(column, justify="right" if column == "records" else "left",
+                          overflow="fold")
+    for row in summary["details"]["by_rule"]:
+        if row["action"] != "keep":
+            detail.add_row(row["system"], row["table"], row["rule"], row["action"], str(row["count"]),
+                           row["samples"][0] if row["samples"] else "")
+    out.print(detail)
+    if summary["actions"].get("anonymise_pending"):
+        out.print(f"{summary['actions']['anonymise_pending']} record(s) are due for anonymisation, which is not "
+                  "available yet: they were left untouched and will be handled once it is.")
+    for setting in summary["dpo_settings"]:
+        out.print(f"Set by DPO decision: {setting['rule']} = {setting['duration']} ({setting['decision']})")
+    if "audit_entries_total" in summary:
+        out.print(f"Audit store: {summary['audit_entries_total']} entries in total.")
+    out.print(f"Run summary written to {summary['summary_file']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Check the rules against the live databases: every table and column they name exists, dates are
+dates, strippable fields accept NULL. Runs before any change, so a typo never reaches a source."""
+
+from __future__ import annotations
+
+from sqlalchemy import Date, DateTime
+
+from .connections import ConnectionProblem
+from .rules import Problem, Rules, TableSpec, used_events
+from .sources import Sources
+
+
+def check_live(rules: Rules, sources: Sources, systems: list[str] | None = None) -> list[Problem]:
+    problems: list[Problem] = []
+    for name in systems or sorted(rules.systems):
+        spec = rules.system(name)
+        try:
+            sources.engine(name)
+        except ConnectionProblem as exc:
+            problems.append(Problem(spec.file, 0, str(exc).rstrip("."), "start the database or fix the connection"))
+            continue
+        for table in spec.tables.values():
+            _check_table(rules, sources, table, problems)
+        for hold in spec.holds:
+            cols = _columns(sources, name, hold.table, spec.file, problems)
+            if cols is not None:
+                for column in [hold.subject] + [c for c, _ in hold.where]:
+                    _need(cols, column, f"hold on {hold.table}", spec.file, 0, problems)
+    return problems
+
+
+def _columns(sources: Sources, system: str, table: str, file: str, problems: list[Problem], line: int = 0):
+    try:
+        if not sources.has_table(system, table):
+            problems.append(Problem(file, line, f"table {table!r} does not exist in system {system!r}",
+                                    "correct the table name or create the table"))
+            return None
+        return sources.table(system, table).c
+    except ConnectionProblem as exc:
+        problems.append(Problem(file, line, str(exc).rstrip("."), "start the database or fix the connection"))
+        return None
+
+
+def _need(cols, column: str, where: str, file: str, line: int, problems: list[Problem], date: bool = False):
+    if column not in cols:
+        known = ", ".join(c.name for c in cols)
+        problems.append(Problem(file, line, f"{where}: column {column!r} does not exist",
+                                f"use one of: {known}"))
+        return
+    if date and not isinstance(cols[column].type, (Date, DateTime)):
+        problems.append(Problem(file, line, f"{where}: column {column!r} is {cols[column].type}, not a date",
+                                "point the rule at a DATE or TIMESTAMP column"))
+
+
+def _check_table(rules: Rules, sources: Sources, spec: TableSpec, problems: list[Problem]) -> None:
+    where = f"table {spec.name}"
+    cols = _columns(sources, spec.system, spec.name, spec.file, problems, spec.line)
+    if cols is None:
+        return
+    for column in spec.primary_key:
+        _need(cols, column, where + " primary_key", spec.file, spec.line, problems)
+    for column in spec.strip_fields:
+        _need(cols, column, where + " fields", spec.file, spec.line, problems)
+        if column in cols and not cols[column].nullable:
+            problems.append(Problem(spec.file, spec.line, f"{where}: field {column!r} is NOT NULL, so it cannot be stripped",
+                                    "allow NULL on the column or remove it from `fields`"))
+    local = set(c.name for c in cols) | set(spec.lookups)
+    if spec.subject and spec.subject not in local:
+        problems.append(Problem(spec.file, spec.line, f"{where}: subject {spec.subject!r} is neither a column nor a lookup",
+                                "name a column of the table or declare a lookup"))
+    items = [(f"{where} lookup {n}", i, False) for n, i in spec.lookups.items()]
+    for name, event in used_events(spec).items():
+        items += [(f"{where} event {name}", i, True) for i in event.items]
+    for label, item, is_date in items:
+        if item.column:
+            if item.column not in local:
+                _need(cols, item.column, label, spec.file, spec.line, problems)
+            elif item.column in cols:
+                _need(cols, item.column, label, spec.file, spec.line, problems, date=is_date)
+            continue
+        rel = item.related
+        if rel.local not in local:
+            _need(cols, rel.local, label + " link", spec.file, spec.line, problems)
+        if rel.system not in rules.systems:
+            continue
+        other = _columns(sources, rel.system, rel.table, spec.file, problems, spec.line)
+        if other is None:
+            continue
+        _need(other, rel.column, f"{label} ({rel.system}.{rel.table})", spec.file, spec.line, problems, date=is_date)
+        _need(other, rel.remote, f"{label} ({rel.system}.{rel.table}) link", spec.file, spec.line, problems)
+        for column, _ in rel.where:
+            _need(other, column, f"{label} ({rel.system}.{rel.table}) where", spec.file, spec.line, problems)
