@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from sqlalchemy import delete, insert, literal, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from . import audit
 from .decide import ARCHIVE, DELETE, STRIP
@@ -56,6 +57,21 @@ def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: Ru
     for planned in batch:
         groups[(planned.action, planned.archived, planned.fields)].append(planned)
 
+    try:
+        return _apply(sources, spec, live, archive, outbox, groups, run)
+    except IntegrityError as exc:
+        raise ApplyRefused(
+            f"{spec.system}.{spec.name}: the database refused the batch, nothing of it was changed "
+            f"({str(exc.orig).strip().splitlines()[0]}). A row still referenced by another table cannot go "
+            "before it: map the referencing table with rules that end no later, or let the foreign key cascade."
+        ) from None
+
+
+class ApplyRefused(Exception):
+    pass
+
+
+def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, groups: dict, run: RunContext) -> Counter:
     counts: Counter = Counter()
     entries = []
     recorded_at = audit.now()

@@ -120,5 +120,10 @@ def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
             return Decision(KEEP, (last.rule,), f"legal hold: {hold_reason}; kept in archive; {reason}")
         return Decision(ARCHIVE, (last.rule,), f"legal hold: {hold_reason}; {reason}")
     if table.on_expiry == "anonymise":
+        # Until the record can be anonymised, fields of ended purposes still go (minimisation).
+        strip = tuple(f for f in table.strip_fields if f in facts.present)
+        if strip:
+            rules = tuple(s.rule for b, s in statuses if set(b.fields) & set(strip))
+            return Decision(STRIP, rules, f"{reason}; anonymisation pending", strip)
         return Decision(ANONYMISE_PENDING, (last.rule,), f"{reason}; anonymisation not available yet, left untouched")
     return Decision(DELETE, (last.rule,), reason)

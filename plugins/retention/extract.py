@@ -106,15 +106,24 @@ def _item_values(sources: Sources, item: Item, rows: list[dict], cache: dict) ->
 
 
 def _related_latest(sources: Sources, rel: Related, keys: set) -> dict:
-    """{link value: (latest value, count of NULL values)} for the given link values."""
+    """{link value: (latest value, count of NULL values)} for the given link values. Archived rows
+    count as much as live ones: moving a record under a legal hold must not move its clocks."""
     if not keys:
         return {}
-    table = sources.table(rel.system, rel.table)
-    link, column = table.c[rel.remote], table.c[rel.column]
-    conditions = [link.in_(sorted(keys, key=str))]
-    for name, values in rel.where:
-        conditions.append(table.c[name].in_(values))
-    query = (select(link, func.max(column), func.sum(case((column.is_(None), 1), else_=0)))
-             .where(and_(*conditions)).group_by(link))
-    with sources.engine(rel.system).connect() as conn:
-        return {row[0]: (row[1], row[2] or 0) for row in conn.execute(query)}
+    found: dict = {}
+    live = sources.table(rel.system, rel.table)
+    archive = sources.archive(rel.system, rel.table)
+    for table in [live] + ([archive] if archive is not None else []):
+        link, column = table.c[rel.remote], table.c[rel.column]
+        conditions = [link.in_(sorted(keys, key=str))]
+        for name, values in rel.where:
+            conditions.append(table.c[name].in_(values))
+        query = (select(link, func.max(column), func.sum(case((column.is_(None), 1), else_=0)))
+                 .where(and_(*conditions)).group_by(link))
+        with sources.engine(rel.system).connect() as conn:
+            for link_value, latest, nulls in conn.execute(query):
+                previous, previous_nulls = found.get(link_value, (None, 0))
+                if previous is not None and (latest is None or as_date(previous) > as_date(latest)):
+                    latest = previous
+                found[link_value] = (latest, previous_nulls + (nulls or 0))
+    return found

@@ -20,13 +20,14 @@ from datetime import date
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.schema import sort_tables
 
 from . import audit as audit_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
 from .decide import ACTIONS, CHANGING, EventValue, Facts, decide
 from .extract import DEFAULT_BATCH, batches
-from .rules import Rules
+from .rules import Rules, SystemSpec, TableSpec
 from .sources import Sources
 
 log = logging.getLogger("retention")
@@ -62,17 +63,20 @@ def safe_name(run_id: str) -> str:
 
 
 def compute_holds(rules: Rules, sources: Sources) -> dict:
-    """{subject: reason} for every subject under a legal hold, across all systems."""
+    """{subject: reason} for every subject under a legal hold, across all systems. Live and
+    archived rows both count: the record that caused a hold is often archived under it."""
     held: dict = {}
     for spec in rules.systems.values():
         for hold in spec.holds:
-            table = sources.table(spec.name, hold.table)
-            query = select(table.c[hold.subject]).distinct().where(
-                *[table.c[col].in_(values) for col, values in hold.where])
-            with sources.engine(spec.name).connect() as conn:
-                for (subject,) in conn.execute(query):
-                    if subject is not None:
-                        held.setdefault(subject, hold.reason)
+            archive = sources.archive(spec.name, hold.table)
+            tables = [sources.table(spec.name, hold.table)] + ([archive] if archive is not None else [])
+            for table in tables:
+                query = select(table.c[hold.subject]).distinct().where(
+                    *[table.c[col].in_(values) for col, values in hold.where])
+                with sources.engine(spec.name).connect() as conn:
+                    for (subject,) in conn.execute(query):
+                        if subject is not None:
+                            held.setdefault(subject, hold.reason)
     return held
 
 
@@ -93,7 +97,7 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str,
     path = _staging(run, system, "facts")
     total = 0
     with open(path, "w", encoding="utf-8") as out:
-        for spec in rules.system(system).tables.values():
+        for spec in deletion_order(sources, rules.system(system)):
             for archived in (False, True):
                 for batch in batches(sources, spec, run.batch_size, archived=archived):
                     for facts in batch:
@@ -103,6 +107,14 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str,
                         progress(system, spec.name, len(batch))
     log.info("extracted %d rows from %s", total, system)
     return total
+
+
+def deletion_order(sources: Sources, system: SystemSpec) -> list[TableSpec]:
+    """Mapped tables with referencing (child) tables before the tables they reference, so a batch
+    never deletes a row that a foreign key of a later table still points to."""
+    reflected = [sources.table(system.name, name) for name in system.tables]
+    ordered = reversed(sort_tables(reflected))
+    return [system.tables[t.name] for t in ordered if t.name in system.tables]
 
 
 def _facts_to_json(table: str, facts: Facts) -> dict:

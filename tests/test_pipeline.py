@@ -1,0 +1,142 @@
+"""Whole runs on real databases: holds, cross-system independence, idempotency, crash safety."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+import pytest
+
+from retention import pipeline
+from retention.audit import AuditStore
+from tests.conftest import run_retention
+from tests.test_policy_boundaries import D, company, contract, exists
+
+
+def audit_rows(backend) -> list[dict]:
+    return backend.rows("audit", "retention_audit")
+
+
+def test_held_customer_is_archived_not_deleted_and_released_later(backend):
+    company(backend, "H1", "2010-01-01")
+    contract(backend, 1, "H1", "2010-01-01", "2012-12-31")
+    backend.insert("crm", "contacts", dict(contact_id=1, customer_number="H1", kind="commercial",
+                                           email="held@example.test", created_on=D("2010-01-01")))
+    backend.insert("crm", "claims", dict(claim_id=1, customer_number="H1", opened_on=D("2012-06-01"),
+                                         status="litigation", description="dispute"))
+    backend.insert("accounting", "invoices", dict(invoice_id=1, invoice_number="F1", customer_number="H1",
+                                                  issued_on=D("2011-03-01"), amount=10))
+    # Past every expiry: relationship (2015), claim (2015), invoice (2021).
+    summary = run_retention("2024-01-10")
+    assert summary["held_subjects"] == 1
+    assert not exists(backend, "crm", "contacts", "contact_id", 1)
+    archived = backend.rows("crm", "retention_archive__contacts")
+    assert [r["email"] for r in archived] == ["held@example.test"]
+    assert backend.rows("accounting", "retention_archive__invoices")[0]["invoice_id"] == 1
+    assert summary["applied"]["crm"]["delete"] == 0
+    assert {r["action"] for r in audit_rows(backend)} == {"archive"}
+    # The claim turning into litigation is itself held: kept, so the hold stays visible.
+    assert backend.rows("crm", "retention_archive__claims")[0]["status"] == "litigation"
+
+    # A second run keeps everything where it is.
+    run_retention("2024-01-11")
+    assert len(backend.rows("crm", "retention_archive__contacts")) == 1
+
+    # Releasing the hold (the litigation ends) resumes the normal clocks: archived data goes.
+    with backend.engines["crm"].begin() as conn:
+        conn.exec_driver_sql("UPDATE retention_archive__claims SET status = 'resolved'")
+    run_retention("2024-01-12")
+    assert backend.rows("crm", "retention_archive__contacts") == []
+    assert backend.rows("accounting", "retention_archive__invoices") == []
+    assert "delete_from_archive" in {r["action"] for r in audit_rows(backend)}
+
+
+def test_holds_are_read_from_the_archive_too(backend):
+    """A hold whose claim row was archived must still hold: holds read live and archived rows."""
+    company(backend, "H2", "2010-01-01")
+    backend.insert("crm", "claims", dict(claim_id=2, customer_number="H2", opened_on=D("2011-01-01"),
+                                         status="litigation", description="dispute"))
+    run_retention("2024-01-10")
+    assert backend.rows("crm", "claims") == []
+    summary = run_retention("2024-01-11")
+    assert summary["held_subjects"] == 1
+
+
+def test_accounting_untouched_when_crm_contact_goes(backend):
+    company(backend, "A1", "2012-01-01")
+    contract(backend, 1, "A1", "2012-01-01", "2016-06-30")
+    backend.insert("crm", "contacts", dict(contact_id=1, customer_number="A1", kind="accounting",
+                                           last_name="Martin", email="compta@example.test", created_on=D("2012-01-01")))
+    backend.insert("accounting", "invoices", dict(invoice_id=7, invoice_number="F7", customer_number="A1",
+                                                  issued_on=D("2016-05-01"), amount=99, billing_name="Martin",
+                                                  accounting_email="compta@example.test"))
+    before = backend.rows("accounting", "invoices")
+    run_retention("2020-01-01")
+    assert not exists(backend, "crm", "contacts", "contact_id", 1)
+    assert backend.rows("accounting", "invoices") == before
+
+
+def test_prospect_clock_restarted_only_by_the_prospect(backend):
+    for sid, kind in ((1, "open"), (2, "click")):
+        backend.insert("marketing", "subscribers", dict(subscriber_id=sid, email=f"p{sid}@example.test",
+                                                        subscribed_on=D("2019-01-01")))
+        backend.insert("marketing", "email_events", dict(event_id=sid, subscriber_id=sid, event_type=kind,
+                                                         occurred_at=datetime(2021, 6, 1, 10)))
+    run_retention("2022-06-01")
+    assert not exists(backend, "marketing", "subscribers", "subscriber_id", 1)  # the open did not count
+    assert exists(backend, "marketing", "subscribers", "subscriber_id", 2)  # the click did
+
+
+def test_anonymise_is_reported_pending_and_left_untouched(backend):
+    company(backend, "X1", "2012-01-01", kbis_extract="Kbis", iban="FR76300060000112345678")
+    contract(backend, 1, "X1", "2012-01-01", "2015-01-31")
+    first = run_retention("2020-01-01")
+    # Bank details go at once (minimisation); the rest waits for anonymisation.
+    assert first["actions"]["strip"] == 1
+    summary = run_retention("2020-01-02")
+    row = backend.row("crm", "companies", "customer_number", "X1")
+    assert row is not None and row["kbis_extract"] == "Kbis" and row["iban"] is None
+    assert summary["actions"]["anonymise_pending"] == 1
+    assert not [r for r in audit_rows(backend) if r["table_name"] == "companies" and r["action"] != "strip"]
+
+
+def test_dry_run_changes_nothing(backend):
+    company(backend, "D1", "2012-01-01", iban="FR76")
+    contract(backend, 1, "D1", "2012-01-01", "2014-01-31")
+    backend.insert("crm", "contacts", dict(contact_id=1, customer_number="D1", kind="commercial",
+                                           created_on=D("2012-01-01")))
+    AuditStore.open()  # the store exists before, as after any earlier run
+    before = backend.snapshot()
+    summary = run_retention("2020-01-01", dry_run=True)
+    assert summary["mode"] == "dry_run"
+    assert summary["actions"]["delete"] == 2 and summary["actions"]["strip"] == 1  # contact, contract; IBAN
+    assert "applied" not in summary
+    assert backend.snapshot() == before
+
+
+def test_crash_mid_run_leaves_source_and_audit_consistent(backend, monkeypatch):
+    for n in range(1, 8):
+        backend.insert("crm", "fraud_alerts", dict(alert_id=n, customer_number="F", raised_on=D("2015-01-01")))
+    real = pipeline.apply_batch
+    calls = {"n": 0}
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "apply_batch", crash_on_third_batch)
+    with pytest.raises(RuntimeError):
+        run_retention("2020-01-01", systems=["crm"], batch_size=2)
+    left = {r["alert_id"] for r in backend.rows("crm", "fraud_alerts")}
+    outbox = backend.rows("crm", "retention_audit_outbox")
+    store = audit_rows(backend)
+    # Exactly the two committed batches are gone, each with its entry (in the outbox or the store).
+    assert len(left) == 3
+    assert len(outbox) + len(store) == 4
+
+    monkeypatch.setattr(pipeline, "apply_batch", real)
+    run_retention("2020-01-01", systems=["crm"], batch_size=2)
+    assert backend.rows("crm", "fraud_alerts") == []
+    assert backend.rows("crm", "retention_audit_outbox") == []
+    assert len(audit_rows(backend)) == 7
