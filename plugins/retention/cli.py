@@ -199,15 +199,20 @@ def print_summary(summary: dict) -> None:
         table.add_row(system, *[str(counts[a]) for a in actions])
     table.add_row("[bold]total[/]", *[f"[bold]{summary['actions'][a]}[/]" for a in actions])
     out.print(table)
-    detail = Table(title="Per table and rule (actions only; sample reason)")
-    for column in ("system", "table", "rule", "action", "records", "sample reason"):
-        detail.add_column(column, justify="right" if column == "records" else "left",
-                          overflow="fold")
+    detail = Table(title="Per table and rule (records acted on)")
+    for column in ("system", "table", "rule", "action", "records"):
+        detail.add_column(column, justify="right" if column == "records" else "left")
+    samples = []
     for row in summary["details"]["by_rule"]:
         if row["action"] != "keep":
-            detail.add_row(row["system"], row["table"], row["rule"], row["action"], str(row["count"]),
-                           row["samples"][0] if row["samples"] else "")
+            detail.add_row(row["system"], row["table"], row["rule"], row["action"], str(row["count"]))
+            if row["samples"]:
+                samples.append(f"  {row['system']}.{row['table']} {row['action']} ({row['rule']}): {row['samples'][0]}")
     out.print(detail)
+    if samples:
+        out.print("Sample reasons:")
+        for line in samples:
+            out.print(line, markup=False)
     if summary["actions"].get("anonymise_pending"):
         out.print(f"{summary['actions']['anonymise_pending']} record(s) are due for anonymisation, which is not "
                   "available yet: they were left untouched and will be handled once it is.")

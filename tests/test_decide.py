@@ -1,0 +1,58 @@
+"""The decision function alone: plain facts in, one decision out, no database."""
+
+from datetime import date
+
+from retention.decide import ARCHIVE, DELETE, KEEP, STRIP, EventValue, Facts, decide, latest_of
+from retention.rules import load_rules
+from tests.conftest import RULES
+
+RULES_ = load_rules(RULES)
+SETTINGS = RULES_.settings
+COMPANIES = RULES_.systems["crm"].tables["companies"]
+CONTACTS = RULES_.systems["crm"].tables["contacts"]
+SUBSCRIBERS = RULES_.systems["marketing"].tables["subscribers"]
+
+
+def facts(events, present=(), subject="C1", archived=False):
+    return Facts(key=(1,), subject=subject, events=events, present=frozenset(present), archived=archived)
+
+
+def test_latest_of_and_ongoing():
+    assert latest_of([EventValue(date(2020, 1, 1)), EventValue(date(2021, 1, 1)), EventValue()]).day == date(2021, 1, 1)
+    assert latest_of([EventValue(date(2020, 1, 1)), EventValue(ongoing=True)]).ongoing
+    assert latest_of([]).day is None
+
+
+def test_active_contract_keeps_everything():
+    f = facts({"end_of_relationship": EventValue(ongoing=True), "end_of_contract": EventValue(ongoing=True)},
+              present={"iban"})
+    decision = decide(COMPANIES, f, date(2030, 1, 1), SETTINGS)
+    assert decision.action == KEEP and "ongoing" in decision.reason
+
+
+def test_fields_of_an_expired_purpose_go_while_another_keeps_the_record():
+    f = facts({"end_of_relationship": EventValue(date(2021, 6, 1)), "end_of_contract": EventValue(date(2021, 6, 1))},
+              present={"iban", "bic"})
+    decision = decide(COMPANIES, f, date(2022, 1, 1), SETTINGS)
+    assert decision.action == STRIP and decision.fields == ("iban", "bic")
+    assert decision.rules == ("bank_details_in_crm",)
+    assert "kept for customer_relationship" in decision.reason
+
+
+def test_held_subject_is_archived_never_deleted():
+    f = facts({"end_of_relationship": EventValue(date(2010, 1, 1))})
+    assert decide(CONTACTS, f, date(2020, 1, 1), SETTINGS).action == DELETE
+    held = decide(CONTACTS, f, date(2020, 1, 1), SETTINGS, held={"C1": "claim in litigation"})
+    assert held.action == ARCHIVE and "legal hold" in held.reason
+    archived = decide(CONTACTS, facts(f.events, archived=True), date(2020, 1, 1), SETTINGS, held={"C1": "x"})
+    assert archived.action == KEEP
+
+
+def test_objection_ends_prospecting_at_once_and_consent_is_required():
+    events = {"end_of_relationship_or_last_prospect_contact": EventValue(date(2026, 1, 1)),
+              "objection": EventValue(date(2026, 3, 1)), "end_of_contract": EventValue(date(2026, 1, 1)),
+              "consent_given": EventValue(), "consent_withdrawal": EventValue()}
+    assert decide(SUBSCRIBERS, facts(events), date(2026, 3, 1), SETTINGS).action == KEEP
+    after = decide(SUBSCRIBERS, facts(events), date(2026, 3, 2), SETTINGS)
+    assert after.action == DELETE and "ended by objection on 2026-03-01" in after.reason
+    assert "no consent_given" in after.reason
