@@ -17,7 +17,8 @@ def as_of_date(dag_run, timezone: str) -> date:
     import pendulum
 
     moment: datetime | None = getattr(dag_run, "data_interval_end", None) or dag_run.run_after
-    return pendulum.instance(moment).in_timezone(timezone).date()
+    local = pendulum.instance(moment).in_timezone(timezone)
+    return date(local.year, local.month, local.day)  # a plain date: drivers cannot bind pendulum's
 
 
 def run_from_context(context) -> Run:
