@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export RETENTION_HOME ?= $(CURDIR)/.retention
 export AIRFLOW_HOME   ?= $(RETENTION_HOME)/airflow
 
-.PHONY: install demo test clean
+.PHONY: install demo test airflow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Airflow UI on http://localhost:8080 over the demo data (credentials printed at start).
+airflow: install
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False $(BIN)/airflow standalone
 
 clean:
 	rm -rf $(VENV) .retention .pytest_cache

@@ -21,7 +21,8 @@ from sqlalchemy import Engine, MetaData, insert, select
 
 from .schema import METADATA
 
-DEFAULT_ANCHOR = date(2027, 12, 31)
+ENGINE_TABLE_PREFIX = "retention_"  # the engine's own side tables in a source database
+DEFAULT_ANCHOR = date(2026, 10, 31)  # fixed, so a seed gives the same data on any day
 START = date(2011, 1, 1)
 MIN_YEARS = 12
 CHUNK = 5000
@@ -538,6 +539,10 @@ class _Generator:
 
 def _write(engine: Engine, metadata: MetaData, rows: dict[str, list[dict]]) -> None:
     with engine.begin() as conn:
+        # A fresh demo: the engine's archive and outbox tables from earlier runs go too.
+        stale = MetaData()
+        stale.reflect(conn, only=lambda name, _: name.startswith(ENGINE_TABLE_PREFIX))
+        stale.drop_all(conn)
         metadata.drop_all(conn)
         metadata.create_all(conn)
         for table in metadata.sorted_tables:  # parents (companies) before children
