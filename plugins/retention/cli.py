@@ -191,7 +191,9 @@ def print_summary(summary: dict) -> None:
     mode = "DRY RUN - nothing was changed" if summary["mode"] == "dry_run" else "enforced"
     out.print(f"[bold]Retention run {summary['run_id']}[/] as of {summary['as_of']} ({mode})")
     table = Table(title="Records per system and action")
-    actions = list(summary["actions"])
+    from .decide import ACTIONS
+
+    actions = [a for a in ACTIONS if a in summary["actions"]]
     table.add_column("system")
     for action in actions:
         table.add_column(action, justify="right")
