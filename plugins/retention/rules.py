@@ -262,6 +262,16 @@ class _Checker:
         self.problem(line, f"{where} must be a mapping", "indent `key: value` lines under it")
         return False
 
+    def entries(self, parent: dict, key: str, kind: str):
+        """(name, spec) of each well-formed `name: {mapping}` entry under parent[key]."""
+        raw = parent.get(key) or _empty_mapping()
+        if not self.mapping(raw, parent.line_of(key), key):
+            return
+        for name, spec in raw.items():
+            line = raw.line_of(name)
+            if self.name(name, line, kind) and self.mapping(spec, line, f"{kind} {name}"):
+                yield name, spec
+
     def name(self, value, line: int, where: str) -> bool:
         if isinstance(value, str) and _NAME.match(value):
             return True
@@ -293,29 +303,19 @@ def _policy(raw: dict, file: str, problems: list[Problem]):
                               "use an IANA name such as Europe/Paris")
 
     purposes = {}
-    raw_purposes = raw.get("purposes") or {}
-    if check.mapping(raw_purposes, raw.line_of("purposes"), "purposes"):
-        for name, spec in raw_purposes.items():
-            line = raw_purposes.line_of(name)
-            if not (check.name(name, line, "purpose") and check.mapping(spec, line, f"purpose {name}")):
-                continue
-            check.keys(spec, f"purpose {name}", ("label", "legal_basis"), ("number",))
-            basis = spec.get("legal_basis")
-            if basis is not None and basis not in LEGAL_BASES:
-                check.problem(spec.line_of("legal_basis"), f"purpose {name}: unknown legal basis {basis!r}",
-                              f"use one of: {', '.join(LEGAL_BASES)} (GDPR 6(1))")
-            purposes[name] = Purpose(name, str(spec.get("label", name)), str(basis), spec.get("number"))
+    for name, spec in check.entries(raw, "purposes", "purpose"):
+        check.keys(spec, f"purpose {name}", ("label", "legal_basis"), ("number",))
+        basis = spec.get("legal_basis")
+        if basis is not None and basis not in LEGAL_BASES:
+            check.problem(spec.line_of("legal_basis"), f"purpose {name}: unknown legal basis {basis!r}",
+                          f"use one of: {', '.join(LEGAL_BASES)} (GDPR 6(1))")
+        purposes[name] = Purpose(name, str(spec.get("label", name)), str(basis), spec.get("number"))
 
     rules = {}
-    raw_rules = raw.get("rules") or {}
-    if check.mapping(raw_rules, raw.line_of("rules"), "rules"):
-        for name, spec in raw_rules.items():
-            line = raw_rules.line_of(name)
-            if not (check.name(name, line, "rule") and check.mapping(spec, line, f"rule {name}")):
-                continue
-            rule = _rule(name, spec, purposes, check)
-            if rule is not None:
-                rules[name] = rule
+    for name, spec in check.entries(raw, "rules", "rule"):
+        rule = _rule(name, spec, purposes, check)
+        if rule is not None:
+            rules[name] = rule
     return settings, purposes, rules
 
 
@@ -375,16 +375,13 @@ def _system(raw: dict, path: Path, rules: dict, problems: list[Problem]) -> Syst
     if name != path.stem:
         check.problem(raw.line_of("system"), f"system {name!r} is declared in {path.name}",
                       f"name the file {name}.yaml or set `system: {path.stem}`")
-    system_events = _events(raw.get("events") or _empty_mapping(), raw.line_of("events"), name, check)
+    system_events = _events(raw, name, check)
     tables = {}
     raw_tables = raw["tables"]
-    if check.mapping(raw_tables, raw.line_of("tables"), "tables"):
-        for table_name, spec in raw_tables.items():
-            line = raw_tables.line_of(table_name)
-            if check.name(table_name, line, "table") and check.mapping(spec, line, f"table {table_name}"):
-                table = _table(name, table_name, spec, system_events, rules, check)
-                if table is not None:
-                    tables[table_name] = table
+    for table_name, spec in check.entries(raw, "tables", "table"):
+        table = _table(name, table_name, spec, system_events, rules, check)
+        if table is not None:
+            tables[table_name] = table
     holds = []
     raw_holds = raw.get("holds") or []
     if not isinstance(raw_holds, list):
@@ -411,14 +408,10 @@ def _empty_mapping() -> yaml_lines.LineDict:
     return empty
 
 
-def _events(raw, line: int, system: str, check: _Checker) -> dict:
+def _events(parent: dict, system: str, check: _Checker) -> dict:
+    """The events declared under parent["events"] (a system's or a table's)."""
     events = {}
-    if not check.mapping(raw, line, "events"):
-        return events
-    for name, spec in raw.items():
-        eline = raw.line_of(name)
-        if not (check.name(name, eline, "event") and check.mapping(spec, eline, f"event {name}")):
-            continue
+    for name, spec in check.entries(parent, "events", "event"):
         if not check.keys(spec, f"event {name}", ("latest_of",), ()):
             continue
         items = spec["latest_of"]
@@ -496,7 +489,7 @@ def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict,
             if parsed is not None:
                 lookups[lname] = parsed
     events = dict(system_events)
-    events.update(_events(spec.get("events") or _empty_mapping(), spec.line_of("events"), system, check))
+    events.update(_events(spec, system, check))
     on_expiry = spec.get("on_expiry", "delete")
     if on_expiry not in ON_EXPIRY:
         check.problem(spec.line_of("on_expiry"), f"{where}: unknown `on_expiry: {on_expiry}`",
