@@ -27,6 +27,8 @@ class Planned:
     rules: tuple
     reason: str
     fields: tuple = ()
+    identifier_hashes: tuple = ()
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,11 @@ def _entry(spec: TableSpec, planned: Planned, run: RunContext, recorded_at) -> d
         purposes += [p for p in run.rules.rules[name].purposes if p not in purposes]
     action = planned.action + ("_from_archive" if planned.archived else "")
     return dict(
-        entry_id=audit.entry_id(run.as_of, spec.system, spec.name, rhash, action, planned.fields),
+        entry_id=audit.entry_id(run.run_id, spec.system, spec.name, rhash, action, planned.fields),
         run_id=run.run_id, as_of=run.as_of, system=spec.system, table_name=spec.name, record_hash=rhash,
         subject_hash=audit.subject_hash(run.key, planned.subject), action=action,
         rules=",".join(planned.rules), purposes=",".join(purposes), fields=",".join(planned.fields) or None,
         reason=planned.reason, recorded_at=recorded_at,
+        identifier_hashes=",".join(planned.identifier_hashes) or None, key_id=audit.key_id(run.key),
+        replayed=int(planned.replayed),
     )

@@ -11,15 +11,23 @@ import os
 import secrets
 from datetime import date, datetime, timezone
 
-from sqlalchemy import Column, DateTime, Engine, MetaData, String, Table, Text, delete, func, insert, select
+from sqlalchemy import (Column, DateTime, Engine, Integer, MetaData, String, Table, Text, delete, func, insert,
+                        inspect, select, update)
+from sqlalchemy.exc import IntegrityError
 
+from . import chain
 from .connections import AUDIT_CONNECTION, make_engine, resolve_url, retention_home
 from .sources import OUTBOX_TABLE, Sources, audit_table
 
 KEY_ENV = "RETENTION_AUDIT_KEY"
+OLD_KEYS_ENV = "RETENTION_AUDIT_OLD_KEYS"  # comma-separated keys retired by rotation
 KEY_VARIABLE = "retention_audit_key"
 AUDIT_TABLE = "retention_audit"
 RUNS_TABLE = "retention_runs"
+HEAD_TABLE = "retention_audit_head"
+CHECKPOINTS_TABLE = "retention_audit_checkpoints"
+# Actions whose effect a restored backup undoes, and that must therefore be applied again.
+REMOVALS = ("delete", "strip", "delete_from_archive", "archive")
 
 
 class AuditKeyMissing(Exception):
@@ -51,6 +59,23 @@ def audit_key(use_airflow: bool = False) -> bytes:
     return value.encode()
 
 
+def key_id(key: bytes) -> str:
+    """A short public fingerprint naming which key made a hash; reveals nothing of the key."""
+    return hashlib.sha256(b"retention-key-id" + key).hexdigest()[:16]
+
+
+def all_keys(use_airflow: bool = False) -> dict:
+    """{key id: key} for the current key and the retired ones, for lookups and checkpoints."""
+    keys = [audit_key(use_airflow)]
+    keys += [k.strip().encode() for k in os.environ.get(OLD_KEYS_ENV, "").split(",") if k.strip()]
+    return {key_id(k): k for k in keys}
+
+
+def identifier_hash(key: bytes, kind: str, value) -> str:
+    """Keyed hash of an identifier a person can give us (e-mail...), normalised as they might type it."""
+    return keyed_hash(key, "identifier", kind, str(value).strip().lower())
+
+
 def keyed_hash(key: bytes, *parts) -> str:
     message = "\x1f".join(json.dumps(p, default=str) for p in parts)
     return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
@@ -64,9 +89,10 @@ def subject_hash(key: bytes, subject) -> str | None:
     return None if subject is None else keyed_hash(key, "subject", str(subject))
 
 
-def entry_id(as_of: date, system: str, table: str, rhash: str, action: str, fields: tuple) -> str:
-    """Deterministic, so a replayed publish can never duplicate an entry."""
-    raw = "|".join([as_of.isoformat(), system, table, rhash, action, ",".join(fields)])
+def entry_id(run_id: str, system: str, table: str, rhash: str, action: str, fields: tuple) -> str:
+    """One per change: fixed when the change commits (in the outbox), so publishing again after a
+    crash never duplicates it."""
+    raw = "|".join([run_id, system, table, rhash, action, ",".join(fields)])
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -76,10 +102,31 @@ def now() -> datetime:
 
 
 class AuditStore:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, create: bool = True):
         self.engine = engine
         metadata = MetaData()
-        self.entries = audit_table(metadata, AUDIT_TABLE)
+        self.entries = audit_table(
+            metadata, AUDIT_TABLE,
+            Column("seq", Integer, nullable=False, unique=True),
+            Column("prev_hash", String(64), nullable=False),
+            Column("entry_hash", String(64), nullable=False),
+        )
+        self.head = Table(
+            HEAD_TABLE, metadata,
+            Column("id", Integer, primary_key=True),
+            Column("seq", Integer, nullable=False),
+            Column("entry_hash", String(64), nullable=False),
+        )
+        self.checkpoints = Table(
+            CHECKPOINTS_TABLE, metadata,
+            Column("seq", Integer, primary_key=True),
+            Column("entry_hash", String(64), nullable=False),
+            Column("entries_pruned", Integer, nullable=False),
+            Column("through_as_of", String(10), nullable=False),
+            Column("key_id", String(16), nullable=False),
+            Column("signature", String(64), nullable=False),
+            Column("created_at", DateTime, nullable=False),
+        )
         self.runs = Table(
             RUNS_TABLE, metadata,
             Column("run_id", String(250), primary_key=True),
@@ -90,14 +137,23 @@ class AuditStore:
             Column("status", String(16), nullable=False),
             Column("summary", Text),
         )
-        metadata.create_all(engine)
+        self.exists = inspect(engine).has_table(AUDIT_TABLE)
+        if create and not self.exists:
+            metadata.create_all(engine)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(insert(self.head).values(id=1, seq=0, entry_hash=chain.GENESIS))
+            except IntegrityError:
+                pass  # another process created it first
+            self.exists = True
 
     @classmethod
-    def open(cls, use_airflow: bool = False) -> "AuditStore":
-        return cls(make_engine(resolve_url(AUDIT_CONNECTION, "audit", use_airflow)))
+    def open(cls, use_airflow: bool = False, create: bool = True) -> "AuditStore":
+        """The store; with create=False (dry runs, lookups) nothing is written, even tables."""
+        return cls(make_engine(resolve_url(AUDIT_CONNECTION, "audit", use_airflow)), create=create)
 
     def publish(self, sources: Sources, system: str, batch_size: int = 5000) -> int:
-        """Move outbox entries of one source into the store. Safe to repeat after a crash."""
+        """Move outbox entries of one source into the store, chained. Safe to repeat after a crash."""
         if not sources.has_table(system, OUTBOX_TABLE):
             return 0
         outbox = sources.outbox(system)
@@ -105,21 +161,111 @@ class AuditStore:
         while True:
             with sources.engine(system).connect() as conn:
                 rows = [dict(r._mapping) for r in conn.execute(
-                    select(outbox).order_by(outbox.c.entry_id).limit(batch_size))]
+                    select(outbox).order_by(outbox.c.recorded_at, outbox.c.entry_id).limit(batch_size))]
             if not rows:
                 return moved
             ids = [r["entry_id"] for r in rows]
             with self.engine.begin() as conn:
+                # Writing the head first takes the write lock (a row lock on PostgreSQL, the database
+                # lock on SQLite), so concurrent publishers extend the chain one after the other.
+                conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
+                seq, prev = conn.execute(select(self.head.c.seq, self.head.c.entry_hash)).one()
                 known = set(conn.scalars(select(self.entries.c.entry_id).where(self.entries.c.entry_id.in_(ids))))
                 fresh = [r for r in rows if r["entry_id"] not in known]
                 if fresh:
+                    seq, prev = chain.chain(fresh, seq, prev)
                     conn.execute(insert(self.entries), fresh)
+                    conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
             # Only once the store has committed them may the outbox forget them.
             with sources.engine(system).begin() as conn:
                 conn.execute(delete(outbox).where(outbox.c.entry_id.in_(ids)))
             moved += len(fresh)
 
+    def chain_head(self) -> tuple[int, str]:
+        if not self.exists:
+            return 0, chain.GENESIS
+        with self.engine.connect() as conn:
+            return tuple(conn.execute(select(self.head.c.seq, self.head.c.entry_hash)).one())
+
+    def latest_checkpoint(self) -> dict | None:
+        if not self.exists:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(self.checkpoints).order_by(self.checkpoints.c.seq.desc()).limit(1)).first()
+        return dict(row._mapping) if row else None
+
+    def entries_in_order(self, batch_size: int = 5000):
+        """Every entry by seq, streamed in key ranges."""
+        if not self.exists:
+            return
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(
+                    select(self.entries).where(self.entries.c.seq > last).order_by(self.entries.c.seq).limit(batch_size))]
+            yield from rows
+            if len(rows) < batch_size:
+                return
+            last = rows[-1]["seq"]
+
+    def verify(self, published: list[dict], keys: dict) -> chain.Verification:
+        return chain.verify(self.entries_in_order(), self.latest_checkpoint(),
+                            self.chain_head() if self.exists else None, published, keys)
+
+    def prior_final_actions(self, system: str, table: str, hashes: list[str]) -> dict:
+        """{record hash: (action, fields, as_of, run_id)}: the latest removal recorded for each record."""
+        if not self.exists or not hashes:
+            return {}
+        e = self.entries
+        query = (select(e.c.record_hash, e.c.action, e.c.fields, e.c.as_of, e.c.run_id)
+                 .where(e.c.system == system, e.c.table_name == table, e.c.record_hash.in_(hashes),
+                        e.c.action.in_(REMOVALS))
+                 .order_by(e.c.seq))
+        with self.engine.connect() as conn:
+            return {row[0]: tuple(row[1:]) for row in conn.execute(query)}
+
+    def lookup(self, subject_hashes: list[str], identifier_hashes: list[str]) -> list[dict]:
+        """Entries about a person, found by the keyed hashes of what they told us."""
+        if not self.exists:
+            return []
+        e = self.entries
+        conditions = [e.c.subject_hash.in_(subject_hashes)] if subject_hashes else []
+        conditions += [e.c.identifier_hashes.contains(h) for h in identifier_hashes]
+        if not conditions:
+            return []
+        from sqlalchemy import or_
+
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(e).where(or_(*conditions)).order_by(e.c.seq))]
+
+    def prune(self, before: date, key: bytes) -> dict | None:
+        """Delete the oldest entries, those recorded for as-of dates before `before`, as one prefix
+        of the chain, and leave a signed checkpoint so the rest still verifies."""
+        if not self.exists:
+            return None
+        e = self.entries
+        with self.engine.begin() as conn:
+            conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))  # lock
+            # Backfills make as-of dates not monotonic in seq: stop at the first entry to keep.
+            keep_from = conn.scalar(select(func.min(e.c.seq)).where(e.c.as_of >= before))
+            last = (keep_from - 1) if keep_from is not None else conn.scalar(select(func.max(e.c.seq)))
+            floor = conn.scalar(select(func.max(self.checkpoints.c.seq))) or 0
+            if last is None or last <= floor:
+                return None
+            entry_hash = conn.scalar(select(e.c.entry_hash).where(e.c.seq == last))
+            if self.engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL retention.allow_prune = 'on'")  # see audit_protection
+            pruned = conn.execute(delete(e).where(e.c.seq <= last)).rowcount
+            through = before.isoformat()
+            checkpoint = dict(seq=last, entry_hash=entry_hash, entries_pruned=pruned, through_as_of=through,
+                              key_id=key_id(key), created_at=now(),
+                              signature=chain.checkpoint_signature(key, last, entry_hash, pruned, through))
+            conn.execute(insert(self.checkpoints).values(**checkpoint))
+        return checkpoint
+
     def count(self, **filters) -> int:
+        if not self.exists:
+            return 0
         query = select(func.count()).select_from(self.entries)
         for name, value in filters.items():
             query = query.where(self.entries.c[name] == value)

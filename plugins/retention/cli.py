@@ -3,6 +3,7 @@
 Exit codes scripts can rely on:
   0 success - 1 unexpected failure - 2 bad usage or bad input (date, option)
   3 the rules are invalid (file, line and fix printed) - 4 a database is unreachable or missing a table
+  5 the audit trail failed verification (the first bad entry is named)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .connections import ConnectionProblem
 from .durations import DurationError, parse_as_of
 from .rules import RulesError, load_rules
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED = 0, 1, 2, 3, 4, 5
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -68,6 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
     seed.add_argument("--anchor", default=None, help="last day of the demo timeline (YYYY-MM-DD)")
     seed.set_defaults(handler=cmd_demo_seed)
+
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check the hash chain and the published chain heads")
+    verify.add_argument("--heads", action="append",
+                        help="directory holding published chain_head.json files (default: $RETENTION_HOME/runs)")
+    verify.set_defaults(handler=cmd_audit_verify)
+    lookup = audit.add_parser("lookup", help="what happened to one person's data (rights requests)")
+    who = lookup.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer-number")
+    who.add_argument("--email")
+    lookup.add_argument("--json", action="store_true")
+    lookup.set_defaults(handler=cmd_audit_lookup)
+    prune = audit.add_parser("prune", help="drop entries past the audit trail's own retention, leaving a signed checkpoint")
+    prune.add_argument("--as-of", required=True)
+    prune.set_defaults(handler=cmd_audit_prune)
+    protect = audit.add_parser("protect", help="PostgreSQL: make the audit store append-only for the pipeline role")
+    protect.add_argument("--role", required=True, help="the role the pipeline connects as")
+    protect.add_argument("--reader-role", help="a role that may only read the trail (the DPO)")
+    protect.set_defaults(handler=cmd_audit_protect)
 
     for name, help_text in (("plan", "dry run: what a run would do, writing nothing"),
                             ("run", "enforce the rules as of a date")):
@@ -164,6 +184,88 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+def cmd_audit_verify(args) -> int:
+    from pathlib import Path
+
+    from .audit import AuditStore, all_keys
+    from .chain import read_published_heads
+    from .connections import retention_home
+
+    store = AuditStore.open(create=False)
+    directories = [Path(d) for d in (args.heads or [retention_home() / "runs"])]
+    result = store.verify(read_published_heads(directories), all_keys())
+    if result.ok:
+        out.print(f"Audit trail verified: {result.entries} entries, chain head seq {result.head_seq} "
+                  f"({result.head_hash[:16]}…), {result.heads_checked} published head(s) match.")
+        return EXIT_OK
+    err.print("[bold red]The audit trail failed verification:[/]")
+    for problem in result.problems:
+        err.print(f"  {problem}", markup=False)
+    if result.first_bad:
+        err.print(f"First bad entry: seq {result.first_bad['seq']}, entry_id {result.first_bad['entry_id']}",
+                  markup=False)
+    return EXIT_TAMPERED
+
+
+def cmd_audit_lookup(args) -> int:
+    from .audit import AuditStore, all_keys, identifier_hash, subject_hash
+
+    keys = all_keys().values()
+    if args.customer_number:
+        found = AuditStore.open(create=False).lookup([subject_hash(k, args.customer_number.strip()) for k in keys], [])
+    else:
+        found = AuditStore.open(create=False).lookup([], [identifier_hash(k, "email", args.email) for k in keys])
+    fields = ("as_of", "system", "table_name", "action", "rules", "purposes", "fields", "reason", "run_id", "replayed")
+    rows = [{f: (str(r[f]) if r[f] is not None else None) for f in fields} for r in found]
+    if args.json:
+        print(json.dumps({"found": len(rows), "entries": rows}, sort_keys=True))
+        return EXIT_OK
+    if not rows:
+        out.print("Nothing recorded for this person: no record of theirs was deleted, stripped or archived.")
+        return EXIT_OK
+    table = Table(title=f"{len(rows)} action(s) recorded on this person's data")
+    for column in ("as_of", "system", "table_name", "action", "rules", "fields"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[row[c] or "" for c in ("as_of", "system", "table_name", "action", "rules", "fields")])
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_audit_prune(args) -> int:
+    from .audit import AuditStore, audit_key
+
+    rules = load_rules(args.rules)
+    as_of = parse_as_of(args.as_of)
+    if rules.settings.audit_retention is None:
+        raise UsageProblem("policy.yaml sets no `audit_retention`: the DPO decides how long the audit trail "
+                           "is kept; set it under `settings:` first")
+    before = rules.settings.audit_retention.before(as_of)
+    checkpoint = AuditStore.open(create=False).prune(before, audit_key())
+    if checkpoint is None:
+        out.print(f"Nothing to prune: no entry recorded for an as-of date before {before}.")
+    else:
+        out.print(f"Pruned {checkpoint['entries_pruned']} entries recorded before {before} "
+                  f"({rules.settings.audit_retention}, {rules.settings.audit_retention_decision}); "
+                  f"signed checkpoint at seq {checkpoint['seq']}.")
+    return EXIT_OK
+
+
+def cmd_audit_protect(args) -> int:
+    from .audit_protection import ProtectionUnsupported, protect
+    from .connections import AUDIT_CONNECTION, make_engine, resolve_url
+
+    engine = make_engine(resolve_url(AUDIT_CONNECTION, "audit"))
+    try:
+        protect(engine, args.role, args.reader_role)
+    except ProtectionUnsupported as exc:
+        raise UsageProblem(str(exc)) from None
+    finally:
+        engine.dispose()
+    out.print(f"Audit store protected: role {args.role!r} may append entries, never change or remove them.")
+    return EXIT_OK
+
+
 def _live_check(rules, systems: list[str]) -> None:
     from .live_check import check_live
     from .sources import Sources
@@ -220,8 +322,13 @@ def print_summary(summary: dict) -> None:
                   "available yet: they were left untouched and will be handled once it is.")
     for setting in summary["dpo_settings"]:
         out.print(f"Set by DPO decision: {setting['rule']} = {setting['duration']} ({setting['decision']})")
+    if summary.get("reapplied_after_restore"):
+        out.print(f"{summary['reapplied_after_restore']} record(s) had come back from a restored backup: "
+                  "their deletion or stripping was applied again.")
     if "audit_entries_total" in summary:
-        out.print(f"Audit store: {summary['audit_entries_total']} entries in total.")
+        head = summary["audit_chain_head"]
+        out.print(f"Audit store: {summary['audit_entries_total']} entries in total; chain head seq {head['seq']} "
+                  f"({head['entry_hash'][:16]}…), published beside the run summary.")
     out.print(f"Run summary written to {summary['summary_file']}")
 
 

@@ -86,6 +86,7 @@ def _skip_unless_selected(run: Run, system: str) -> None:
 
 
 def extract(context, system: str) -> int:
+    from .audit import audit_key
     from .pipeline import extract_system
     from .rules import load_rules
     from .sources import Sources
@@ -95,18 +96,20 @@ def extract(context, system: str) -> int:
     rules = load_rules()
     sources = Sources(rules, use_airflow=True)
     try:
-        return extract_system(rules, sources, run, system)
+        return extract_system(rules, sources, run, system, audit_key(use_airflow=True))
     finally:
         sources.dispose()
 
 
 def decide(context, system: str) -> dict:
+    from .audit import AuditStore, audit_key
     from .pipeline import decide_system, read_holds
     from .rules import load_rules
 
     run = run_from_context(context)
     _skip_unless_selected(run, system)
-    tally = decide_system(load_rules(), run, system, read_holds(run))
+    known = AuditStore.open(use_airflow=True, create=False)
+    tally = decide_system(load_rules(), run, system, read_holds(run), audit_key(use_airflow=True), known)
     return tally.actions(system)
 
 

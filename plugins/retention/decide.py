@@ -6,7 +6,7 @@ which strippable fields are filled) go in, one Decision comes out. No database, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 
 from .durations import fiscal_year_close
@@ -32,6 +32,7 @@ class Facts:
     events: dict = None  # event name -> EventValue
     present: frozenset = frozenset()  # strippable fields that hold a value
     archived: bool = False  # the row lives in the intermediate archive
+    identifier_hashes: tuple = ()  # keyed hashes of the row's identifiers, computed at extraction
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Decision:
     rules: tuple
     reason: str
     fields: tuple = ()
+    replayed: bool = False  # applied again: a restored backup brought back what was removed
 
 
 def latest_of(values) -> EventValue:
@@ -127,3 +129,24 @@ def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
             return Decision(STRIP, rules, f"{reason}; anonymisation pending", strip)
         return Decision(ANONYMISE_PENDING, (last.rule,), f"{reason}; anonymisation not available yet, left untouched")
     return Decision(DELETE, (last.rule,), reason)
+
+
+def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None) -> Decision:
+    """A row the audit trail says was deleted, stripped or archived is back in place: a source was
+    restored from a backup. Removal is final, so the same action is applied again and marked as
+    such; a legal hold still wins (the row is then archived, as the decision says)."""
+    if prior is None:
+        return decision
+    action, fields, as_of, run_id = prior
+    origin = f"re-applied after restore: {action} as of {as_of} by run {run_id}; {decision.reason}"
+    if decision.action == ARCHIVE or action == "archive":
+        return replace(decision, reason=origin, replayed=True) if decision.action == ARCHIVE else decision
+    if action in ("delete", "delete_from_archive"):
+        return Decision(DELETE, decision.rules, origin, (), True)
+    if decision.action == DELETE:
+        return decision  # the record's own end has come since it was stripped
+    lost = tuple(f for f in (fields or "").split(",") if f and f in facts.present)
+    if not lost:
+        return decision
+    merged = tuple(dict.fromkeys((decision.fields if decision.action == STRIP else ()) + lost))
+    return Decision(STRIP, decision.rules, origin, merged, True)

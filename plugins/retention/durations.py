@@ -32,6 +32,13 @@ class Duration:
         return add_months(start, months)
 
 
+    def before(self, end: date) -> date:
+        """The earliest start whose period still covers `end`: starts before it have expired."""
+        if self.unit == "days":
+            return end - timedelta(days=self.amount)
+        return add_months(end, -self.amount * (12 if self.unit == "years" else 1))
+
+
 def parse_duration(text) -> Duration:
     match = _PATTERN.match(str(text)) if text is not None else None
     if not match:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from sqlalchemy import Table, and_, case, func, literal, select, tuple_
 
+from .audit import identifier_hash
 from .decide import EventValue, Facts, latest_of
 from .durations import as_date
 from .rules import Item, Related, TableSpec, needed_items, used_events
@@ -39,16 +40,18 @@ def presence_label(field: str) -> str:
 
 
 def batches(sources: Sources, spec: TableSpec, batch_size: int = DEFAULT_BATCH,
-            archived: bool = False) -> Iterator[list[Facts]]:
-    """Facts for every row of the table (or of its archive), one batch at a time, in key order."""
+            archived: bool = False, key: bytes | None = None) -> Iterator[list[Facts]]:
+    """Facts for every row of the table (or of its archive), one batch at a time, in key order.
+    Identifier columns (e-mail...) are read only to be hashed with `key` at once."""
     table = sources.archive(spec.system, spec.name) if archived else sources.table(spec.system, spec.name)
     if table is None:
         return
     pk = _pk_columns(table, spec)
     locals_ = [table.c[name] for name in _local_columns(spec) if name not in spec.primary_key]
+    identifiers = [table.c[column].label(f"__identifier__{kind}") for kind, column in spec.identifiers]
     flags = [case((table.c[f].is_(None), literal(0)), else_=literal(1)).label(presence_label(f))
              for f in spec.strip_fields]
-    base = select(*pk, *locals_, *flags).order_by(*pk).limit(batch_size)
+    base = select(*pk, *locals_, *identifiers, *flags).order_by(*pk).limit(batch_size)
     engine = sources.engine(spec.system)
     last = None
     while True:
@@ -59,13 +62,13 @@ def batches(sources: Sources, spec: TableSpec, batch_size: int = DEFAULT_BATCH,
             rows = [dict(r._mapping) for r in conn.execute(query)]
         if not rows:
             return
-        yield _facts(sources, spec, rows, archived)
+        yield _facts(sources, spec, rows, archived, key)
         last = tuple(rows[-1][c.name] for c in pk)
         if len(rows) < batch_size:
             return
 
 
-def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool) -> list[Facts]:
+def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool, key: bytes | None) -> list[Facts]:
     cache: dict[Related, dict] = {}
     for name, item in spec.lookups.items():  # lookups first: later items may link through them
         for row, (value, _) in zip(rows, _item_values(sources, item, rows, cache)):
@@ -81,6 +84,9 @@ def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool) 
                     for name, item_values in per_event.items()},
             present=frozenset(f for f in spec.strip_fields if row[presence_label(f)]),
             archived=archived,
+            identifier_hashes=tuple(
+                identifier_hash(key, kind, row[f"__identifier__{kind}"]) for kind, _ in spec.identifiers
+                if key is not None and row[f"__identifier__{kind}"] is not None),
         ))
     return facts
 

@@ -55,6 +55,8 @@ def _check_table(rules: Rules, sources: Sources, spec: TableSpec, problems: list
         if column in cols and not cols[column].nullable:
             problems.append(Problem(spec.file, spec.line, f"{where}: field {column!r} is NOT NULL, so it cannot be stripped",
                                     "allow NULL on the column or remove it from `fields`"))
+    for kind, column in spec.identifiers:
+        _need(cols, column, f"{where} identifier {kind}", spec.file, spec.line, problems)
     local = set(c.name for c in cols) | set(spec.lookups)
     if spec.subject and spec.subject not in local:
         problems.append(Problem(spec.file, spec.line, f"{where}: subject {spec.subject!r} is neither a column nor a lookup",

@@ -25,7 +25,8 @@ from sqlalchemy.schema import sort_tables
 from . import audit as audit_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
-from .decide import ACTIONS, CHANGING, EventValue, Facts, decide
+from .decide import ACTIONS, CHANGING, EventValue, Facts, decide, reapply_after_restore
+from .chain import write_published_head
 from .extract import DEFAULT_BATCH, batches
 from .rules import Rules, SystemSpec, TableSpec
 from .sources import Sources
@@ -91,7 +92,7 @@ def read_holds(run: Run) -> dict:
 # ---------------------------------------------------------------- extract
 
 
-def extract_system(rules: Rules, sources: Sources, run: Run, system: str,
+def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: bytes,
                    progress: Progress | None = None) -> int:
     """Write the facts of every mapped row (live and archived) of one system. Returns rows read."""
     path = _staging(run, system, "facts")
@@ -99,7 +100,7 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str,
     with open(path, "w", encoding="utf-8") as out:
         for spec in deletion_order(sources, rules.system(system)):
             for archived in (False, True):
-                for batch in batches(sources, spec, run.batch_size, archived=archived):
+                for batch in batches(sources, spec, run.batch_size, archived=archived, key=key):
                     for facts in batch:
                         out.write(json.dumps(_facts_to_json(spec.name, facts), default=str) + "\n")
                     total += len(batch)
@@ -119,12 +120,13 @@ def deletion_order(sources: Sources, system: SystemSpec) -> list[TableSpec]:
 
 def _facts_to_json(table: str, facts: Facts) -> dict:
     return {"t": table, "k": list(facts.key), "s": facts.subject, "a": facts.archived,
-            "p": sorted(facts.present),
+            "p": sorted(facts.present), "i": list(facts.identifier_hashes),
             "e": {n: [v.day.isoformat() if v.day else None, v.ongoing] for n, v in facts.events.items()}}
 
 
 def _facts_from_json(row: dict) -> Facts:
     return Facts(key=tuple(row["k"]), subject=row["s"], archived=row["a"], present=frozenset(row["p"]),
+                 identifier_hashes=tuple(row["i"]),
                  events={n: EventValue(date.fromisoformat(d) if d else None, o) for n, (d, o) in row["e"].items()})
 
 
@@ -139,9 +141,12 @@ class Tally:
     records: Counter = field(default_factory=Counter)
     by_rule: Counter = field(default_factory=Counter)
     samples: dict = field(default_factory=dict)
+    replayed: Counter = field(default_factory=Counter)  # per system: re-applied after a restore
 
-    def add(self, system: str, table: str, rules: tuple, action: str, reason: str) -> None:
+    def add(self, system: str, table: str, rules: tuple, action: str, reason: str, replayed: bool = False) -> None:
         self.records[(system, table, action)] += 1
+        if replayed:
+            self.replayed[system] += 1
         for rule in rules:
             key = (system, table, rule, action)
             self.by_rule[key] += 1
@@ -151,6 +156,7 @@ class Tally:
 
     def merge(self, other: "Tally") -> None:
         self.records.update(other.records)
+        self.replayed.update(other.replayed)
         self.by_rule.update(other.by_rule)
         for key, reasons in other.samples.items():
             bucket = self.samples.setdefault(key, [])
@@ -170,6 +176,7 @@ class Tally:
             "by_rule": [{"system": s, "table": t, "rule": r, "action": a, "count": n,
                          "samples": self.samples.get((s, t, r, a), [])}
                         for (s, t, r, a), n in sorted(self.by_rule.items())],
+            "replayed": dict(self.replayed),
         }
 
     @classmethod
@@ -181,26 +188,47 @@ class Tally:
             key = (row["system"], row["table"], row["rule"], row["action"])
             tally.by_rule[key] = row["count"]
             tally.samples[key] = row["samples"]
+        tally.replayed.update(data.get("replayed", {}))
         return tally
 
 
-def decide_system(rules: Rules, run: Run, system: str, held: dict) -> Tally:
-    """Decide every extracted row of one system; writes the rows to act on, returns the tally."""
+def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
+                  store: audit_mod.AuditStore | None) -> Tally:
+    """Decide every extracted row of one system; writes the rows to act on, returns the tally.
+    Rows the audit trail says were already removed (a restored backup) are removed again."""
     spec = rules.system(system)
     tally = Tally()
     with open(_staging(run, system, "decisions"), "w", encoding="utf-8") as out:
-        for row in _read_lines(_staging(run, system, "facts")):
-            table = spec.tables[row["t"]]
-            facts = _facts_from_json(row)
-            decision = decide(table, facts, run.as_of, rules.settings, held)
-            tally.add(system, table.name, decision.rules, decision.action, decision.reason)
-            if decision.action in CHANGING:
-                out.write(json.dumps({"t": table.name, "k": list(facts.key), "s": facts.subject,
-                                      "a": facts.archived, "action": decision.action,
-                                      "rules": list(decision.rules), "reason": decision.reason,
-                                      "fields": list(decision.fields)}, default=str) + "\n")
+        for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "facts")), run.batch_size):
+            table = spec.tables[table_name]
+            chunk = [_facts_from_json(row) for row in rows]
+            hashes = [audit_mod.record_hash(key, system, table_name, f.key) for f in chunk]
+            prior = store.prior_final_actions(system, table_name, hashes) if store is not None else {}
+            for facts, rhash in zip(chunk, hashes):
+                decision = decide(table, facts, run.as_of, rules.settings, held)
+                decision = reapply_after_restore(decision, facts, prior.get(rhash))
+                tally.add(system, table.name, decision.rules, decision.action, decision.reason, decision.replayed)
+                if decision.action in CHANGING:
+                    out.write(json.dumps({"t": table.name, "k": list(facts.key), "s": facts.subject,
+                                          "a": facts.archived, "action": decision.action,
+                                          "rules": list(decision.rules), "reason": decision.reason,
+                                          "fields": list(decision.fields), "i": list(facts.identifier_hashes),
+                                          "r": decision.replayed}, default=str) + "\n")
     _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
+
+
+def _table_chunks(rows: Iterator[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
+    """Consecutive rows of the same table, at most `size` at a time."""
+    current, chunk = None, []
+    for row in rows:
+        if chunk and (row["t"] != current or len(chunk) >= size):
+            yield current, chunk
+            chunk = []
+        current = row["t"]
+        chunk.append(row)
+    if chunk:
+        yield current, chunk
 
 
 def read_tally(run: Run, system: str) -> Tally:
@@ -228,16 +256,9 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
 
 
 def _planned_batches(run: Run, system: str, size: int) -> Iterator[tuple[str, list[Planned]]]:
-    current, batch = None, []
-    for row in _read_lines(_staging(run, system, "decisions")):
-        if batch and (row["t"] != current or len(batch) >= size):
-            yield current, batch
-            batch = []
-        current = row["t"]
-        batch.append(Planned(tuple(row["k"]), row["s"], row["a"], row["action"], tuple(row["rules"]),
-                             row["reason"], tuple(row["fields"])))
-    if batch:
-        yield current, batch
+    for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "decisions")), size):
+        yield table_name, [Planned(tuple(r["k"]), r["s"], r["a"], r["action"], tuple(r["rules"]), r["reason"],
+                                   tuple(r["fields"]), tuple(r["i"]), r["r"]) for r in rows]
 
 
 # ---------------------------------------------------------------- summary
@@ -251,6 +272,7 @@ def summarize(rules: Rules, run: Run, tally: Tally, applied: dict | None, held_c
         "systems": run.systems, "actions": tally.actions(),
         "by_system": {s: tally.actions(s) for s in systems},
         "details": tally.to_json(), "held_subjects": held_count,
+        "reapplied_after_restore": sum(tally.replayed.values()),
         "dpo_settings": [{"rule": r.name, "duration": str(r.duration), "decision": r.decision}
                          for r in rules.rules.values() if r.set_by_dpo],
     }
@@ -272,6 +294,10 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
     if not run.dry_run:
         store = audit_mod.AuditStore.open(use_airflow)
         summary["audit_entries_total"] = store.count()
+        # The chain head, published outside the audit database: a rewritten chain will not match it.
+        seq, entry_hash = store.chain_head()
+        summary["audit_chain_head"] = write_published_head(run.directory / "chain_head.json", run.run_id, seq, entry_hash)
+        log.info("audit chain head after run %s: seq %d, hash %s", run.run_id, seq, entry_hash)
         store.record_run(run.run_id, run.as_of, run.mode, run.systems, summary)
     write_summary(run, summary)
     cleanup_staging(run)
@@ -281,15 +307,16 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
 def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progress | None = None) -> dict:
     """A whole run in one process (the CLI): every decision first, then every change."""
     sources = Sources(rules, use_airflow)
+    key = audit_mod.audit_key(use_airflow)
     try:
         write_holds(run, compute_holds(rules, sources))
         held = read_holds(run)
+        known = audit_mod.AuditStore.open(use_airflow, create=False)
         for system in run.systems:
-            extract_system(rules, sources, run, system, progress)
-            decide_system(rules, run, system, held)
+            extract_system(rules, sources, run, system, key, progress)
+            decide_system(rules, run, system, held, key, known)
         if not run.dry_run:
             store = audit_mod.AuditStore.open(use_airflow)
-            key = audit_mod.audit_key(use_airflow)
             for system in run.systems:
                 apply_system(rules, sources, store, run, system, key, progress)
         return finish(rules, run, use_airflow)

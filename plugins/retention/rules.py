@@ -99,6 +99,7 @@ class TableSpec:
     on_expiry: str = "delete"
     file: str = ""
     line: int = 0
+    identifiers: tuple = ()  # ((kind, column), ...): what a person may give to find their records
 
     @property
     def strip_fields(self) -> tuple:
@@ -122,6 +123,8 @@ class SystemSpec:
 class Settings:
     fiscal_year_close: tuple = (12, 31)
     timezone: str = "Europe/Paris"
+    audit_retention: Duration | None = None  # None: the audit trail is never pruned
+    audit_retention_decision: str | None = None
 
 
 @dataclass
@@ -285,7 +288,19 @@ def _policy(raw: dict, file: str, problems: list[Problem]):
     settings = Settings()
     raw_settings = raw.get("settings") or {}
     if check.mapping(raw_settings, raw.line_of("settings"), "settings"):
-        check.keys(raw_settings, "settings", (), ("fiscal_year_close", "timezone"))
+        check.keys(raw_settings, "settings", (),
+                   ("fiscal_year_close", "timezone", "audit_retention", "audit_retention_decision"))
+        if "audit_retention" in raw_settings:
+            try:
+                settings.audit_retention = parse_duration(raw_settings["audit_retention"])
+            except DurationError as exc:
+                check.problem(raw_settings.line_of("audit_retention"), f"audit_retention: {exc}",
+                              "e.g. `audit_retention: 6 years`")
+            settings.audit_retention_decision = raw_settings.get("audit_retention_decision")
+            if not settings.audit_retention_decision:
+                check.problem(raw_settings.line_of("audit_retention"),
+                              "audit_retention is a DPO decision and needs `audit_retention_decision`",
+                              "quote the DPO's decision in `audit_retention_decision:`")
         if "fiscal_year_close" in raw_settings:
             try:
                 settings.fiscal_year_close = parse_month_day(raw_settings["fiscal_year_close"])
@@ -474,7 +489,8 @@ def _where(raw, line: int, where: str, check: _Checker) -> tuple:
 
 def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict, check: _Checker):
     where = f"table {name}"
-    if not check.keys(spec, where, ("primary_key", "retention"), ("subject", "lookups", "events", "on_expiry")):
+    if not check.keys(spec, where, ("primary_key", "retention"),
+                      ("subject", "lookups", "events", "on_expiry", "identifiers")):
         return None
     pk = spec["primary_key"]
     if not isinstance(pk, list) or not pk or not all(isinstance(c, str) for c in pk):
@@ -532,9 +548,15 @@ def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict,
             check.problem(spec.line_of("on_expiry"),
                           f"{where}: `on_expiry: anonymise` but rule(s) {', '.join(strict)} end with delete only",
                           "use `on_expiry: delete`, or change the rule's `then` if the policy allows anonymising")
+    identifiers = []
+    raw_identifiers = spec.get("identifiers") or _empty_mapping()
+    if check.mapping(raw_identifiers, spec.line_of("identifiers"), f"{where}: identifiers"):
+        for kind, column in raw_identifiers.items():
+            if check.name(kind, raw_identifiers.line_of(kind), f"{where}: identifier kind"):
+                identifiers.append((str(kind), str(column)))
     subject = spec.get("subject")
     return TableSpec(system, name, tuple(pk), subject, lookups, events, tuple(bindings), on_expiry,
-                     check.file, spec.line)
+                     check.file, spec.line, tuple(identifiers))
 
 
 def _check_related_targets(systems: dict, problems: list[Problem]) -> None:

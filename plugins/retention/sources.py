@@ -3,7 +3,7 @@ and the engine's own side tables there (the audit outbox and the intermediate ar
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, DateTime, Engine, MetaData, String, Table, Text, inspect
+from sqlalchemy import Column, Date, DateTime, Engine, Integer, MetaData, String, Table, Text, inspect
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 
 from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
@@ -19,13 +19,17 @@ AUDIT_COLUMNS = (
     ("table_name", String(128)), ("record_hash", String(64)), ("subject_hash", String(64)),
     ("action", String(32)), ("rules", String(512)), ("purposes", String(512)), ("fields", String(512)),
     ("reason", Text), ("recorded_at", DateTime),
+    # keyed hashes of identifiers a person can give (e-mail...), for `retention audit lookup`
+    ("identifier_hashes", Text),
+    ("key_id", String(16)),  # which HMAC key made the hashes (key rotation)
+    ("replayed", Integer),  # 1: the action was applied again after a source was restored
 )
+_NULLABLE = ("subject_hash", "fields", "identifier_hashes")
 
 
-def audit_table(metadata: MetaData, name: str) -> Table:
-    columns = [Column(n, t, primary_key=(n == "entry_id"), nullable=(n in ("subject_hash", "fields")))
-               for n, t in AUDIT_COLUMNS]
-    return Table(name, metadata, *columns)
+def audit_table(metadata: MetaData, name: str, *extra: Column) -> Table:
+    columns = [Column(n, t, primary_key=(n == "entry_id"), nullable=(n in _NULLABLE)) for n, t in AUDIT_COLUMNS]
+    return Table(name, metadata, *columns, *extra)
 
 
 class SourceUnavailable(ConnectionProblem):

@@ -1,0 +1,137 @@
+"""Tamper evidence for the audit trail: every entry is chained to the previous one by SHA-256, the
+chain head is published outside the audit database after each run, and pruning leaves a signed
+checkpoint. `verify` recomputes everything and names the first entry that does not fit.
+
+The chain uses plain SHA-256 so anyone can verify it without a secret; a rewrite of the whole
+chain is caught by the published heads, and checkpoints are HMAC-signed with the audit key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+
+from .sources import AUDIT_COLUMNS
+
+GENESIS = "0" * 64
+CHAINED_FIELDS = tuple(name for name, _ in AUDIT_COLUMNS) + ("seq", "prev_hash")
+
+
+def _plain(value):
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="microseconds")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def link(prev_hash: str, entry: dict) -> str:
+    """The hash of an entry: over the previous hash and every field, in a fixed order."""
+    canonical = json.dumps([_plain(entry[name]) for name in CHAINED_FIELDS], separators=(",", ":"), default=str)
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+def chain(entries: list[dict], seq: int, prev_hash: str) -> tuple[int, str]:
+    """Number and link entries after (seq, prev_hash), in place; returns the new head."""
+    for entry in entries:
+        seq += 1
+        entry["seq"], entry["prev_hash"] = seq, prev_hash
+        entry["entry_hash"] = prev_hash = link(prev_hash, entry)
+    return seq, prev_hash
+
+
+def checkpoint_signature(key: bytes, seq: int, entry_hash: str, pruned: int, through: str) -> str:
+    message = f"checkpoint|{seq}|{entry_hash}|{pruned}|{through}"
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def write_published_head(path: Path, run_id: str, seq: int, entry_hash: str) -> dict:
+    head = {"run_id": run_id, "seq": seq, "entry_hash": entry_hash}
+    path.write_text(json.dumps(head, indent=2, sort_keys=True), encoding="utf-8")
+    return head
+
+
+def read_published_heads(directories: list[Path]) -> list[dict]:
+    heads = []
+    for directory in directories:
+        for path in sorted(Path(directory).rglob("chain_head.json")):
+            head = json.loads(path.read_text(encoding="utf-8"))
+            head["file"] = str(path)
+            heads.append(head)
+    return heads
+
+
+@dataclass
+class Verification:
+    entries: int = 0
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    heads_checked: int = 0
+    problems: list = field(default_factory=list)
+    first_bad: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def fail(self, message: str, entry: dict | None = None) -> None:
+        if entry is not None and self.first_bad is None:
+            self.first_bad = {"seq": entry.get("seq"), "entry_id": entry.get("entry_id")}
+        self.problems.append(message)
+
+
+def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: list[dict],
+           keys: dict) -> Verification:
+    """Check a trail. `rows` are the entries ordered by seq; `checkpoint` the latest pruning
+    checkpoint; `stored_head` (seq, hash) as the store says; `keys` maps key ids to HMAC keys."""
+    result = Verification()
+    seq, prev = 0, GENESIS
+    if checkpoint is not None:
+        key = keys.get(checkpoint["key_id"])
+        expected = key and checkpoint_signature(key, checkpoint["seq"], checkpoint["entry_hash"],
+                                                checkpoint["entries_pruned"], checkpoint["through_as_of"])
+        if key is None:
+            result.fail(f"checkpoint at seq {checkpoint['seq']} was signed with key {checkpoint['key_id']}, "
+                        "which is not available: set it in RETENTION_AUDIT_OLD_KEYS")
+        elif not hmac.compare_digest(expected, checkpoint["signature"]):
+            result.fail(f"checkpoint at seq {checkpoint['seq']} has a bad signature: it was altered")
+        seq, prev = checkpoint["seq"], checkpoint["entry_hash"]
+    by_seq: dict[int, str] = {}
+    for row in rows:
+        result.entries += 1
+        if row["seq"] != seq + 1:
+            what = "missing (deleted)" if row["seq"] > seq + 1 else "repeated or out of order (inserted or moved)"
+            result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): expected seq {seq + 1}; "
+                        f"entries are {what}", row)
+        elif row["prev_hash"] != prev:
+            result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): does not follow the previous "
+                        "entry (an entry was inserted, deleted or moved before it)", row)
+        elif link(prev, row) != row["entry_hash"]:
+            result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): its content does not match "
+                        "its hash (a field was changed)", row)
+        seq, prev = row["seq"], row["entry_hash"]
+        by_seq[seq] = prev
+        if result.problems:
+            break
+    result.head_seq, result.head_hash = seq, prev
+    if result.problems:
+        return result
+    if stored_head is not None and tuple(stored_head) != (seq, prev):
+        result.fail(f"the chain ends at seq {seq} but the store's head says seq {stored_head[0]}: "
+                    "entries after the last one were deleted, or the head was altered")
+    floor = checkpoint["seq"] if checkpoint else 0
+    for head in published:
+        if head["seq"] < floor:
+            continue  # pruned under a signed checkpoint
+        actual = checkpoint["entry_hash"] if checkpoint and head["seq"] == floor else by_seq.get(head["seq"])
+        if head["seq"] == 0:
+            actual = GENESIS
+        result.heads_checked += 1
+        if actual != head["entry_hash"]:
+            result.fail(f"published head of run {head['run_id']} ({head.get('file', '?')}) says seq {head['seq']} "
+                        f"has hash {head['entry_hash'][:16]}…, the trail has "
+                        f"{(actual or 'no such entry')[:16]}…: the trail was rewritten")
+    return result
