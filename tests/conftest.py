@@ -59,8 +59,11 @@ class Backend:
             conn.execute(insert(metadata.tables[table]), list(rows))
 
     def rows(self, system: str, table: str) -> list[dict]:
+        """Rows with their Python types for demo tables (dates as dates), as stored otherwise."""
+        tables = METADATA[system]().tables if system in METADATA else {}
+        query = select(tables[table]) if table in tables else text(f'SELECT * FROM "{table}"')
         with self.engines[system].connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(text(f'SELECT * FROM "{table}"'))]
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def row(self, system: str, table: str, column: str, value) -> dict | None:
         metadata = METADATA[system]()

@@ -4,7 +4,7 @@ everyone, the owner included, except a pruning transaction that says so (`retent
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from .audit import AUDIT_TABLE, CHECKPOINTS_TABLE, HEAD_TABLE, RUNS_TABLE, AuditStore
 
@@ -56,5 +56,5 @@ def protect(engine: Engine, pipeline_role: str, reader_role: str | None = None) 
     sql = statements(pipeline_role, reader_role, engine.dialect.identifier_preparer.quote)
     with engine.begin() as conn:
         for statement in sql:
-            conn.exec_driver_sql(statement)
+            conn.execute(text(statement))  # text() escapes the % of the trigger for the driver
     return sql

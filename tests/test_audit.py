@@ -1,0 +1,239 @@
+"""The audit trail on real databases: tamper evidence, lookup, pruning, protection, replay after a
+backup restore."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+
+import pytest
+from sqlalchemy import MetaData, create_engine, insert, text
+from sqlalchemy.exc import DBAPIError
+
+from retention import chain
+from retention.audit import AuditStore, all_keys, audit_key
+from retention.chain import read_published_heads
+from retention.demo.schema import METADATA
+from retention.demo.seed import seed
+from tests.conftest import SYSTEMS, run_retention
+from tests.test_policy_boundaries import D
+
+AS_OF = "2026-11-27"
+
+
+def verify(retention_home):
+    store = AuditStore.open(create=False)
+    return store.verify(read_published_heads([retention_home / "runs"]), all_keys())
+
+
+@pytest.fixture
+def trail(backend):
+    """Seven deletions recorded by one run: entries seq 1..7."""
+    for n in range(1, 8):
+        backend.insert("crm", "fraud_alerts", dict(alert_id=n, customer_number=f"F{n}", raised_on=D("2015-01-01")))
+    run_retention("2020-01-01", systems=["crm"])
+    assert backend.rows("crm", "fraud_alerts") == []
+    return backend
+
+
+def sql(backend, *statements):
+    with backend.engines["audit"].begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+
+
+def entries(backend) -> list[dict]:
+    return list(AuditStore.open(create=False).entries_in_order())
+
+
+def insert_entries(backend, rows: list[dict], replace_all: bool = False) -> None:
+    store = AuditStore.open(create=False)
+    with backend.engines["audit"].begin() as conn:
+        if replace_all:
+            conn.execute(text("DELETE FROM retention_audit"))
+        conn.execute(insert(store.entries), rows)
+
+
+def test_untouched_trail_verifies(trail, retention_home):
+    result = verify(retention_home)
+    assert result.ok, result.problems
+    assert result.entries == 7 and result.head_seq == 7 and result.heads_checked == 1
+
+
+def test_changed_field_is_detected(trail, retention_home):
+    sql(trail, "UPDATE retention_audit SET reason = 'kept' WHERE seq = 3")
+    result = verify(retention_home)
+    assert not result.ok and result.first_bad["seq"] == 3 and "a field was changed" in result.problems[0]
+
+
+def test_deleted_entry_is_detected(trail, retention_home):
+    sql(trail, "DELETE FROM retention_audit WHERE seq = 4")
+    result = verify(retention_home)
+    assert not result.ok and result.first_bad["seq"] == 5 and "missing" in result.problems[0]
+
+
+def test_deleted_last_entry_is_detected(trail, retention_home):
+    sql(trail, "DELETE FROM retention_audit WHERE seq = 7")
+    result = verify(retention_home)
+    assert not result.ok and "entries after the last one were deleted" in result.problems[0]
+
+
+def test_inserted_entry_is_detected(trail, retention_home):
+    # Make room at seq 4 and insert a well-formed forged entry that follows entry 3.
+    sql(trail, "UPDATE retention_audit SET seq = seq + 100 WHERE seq >= 4",
+        "UPDATE retention_audit SET seq = seq - 99 WHERE seq >= 104")
+    rows = entries(trail)
+    forged = {**rows[2], "entry_id": "f" * 64, "reason": "forged"}
+    chain.chain([forged], 3, rows[2]["entry_hash"])
+    insert_entries(trail, [forged])
+    result = verify(retention_home)
+    assert not result.ok and result.first_bad["seq"] == 5 and "does not follow" in result.problems[0]
+
+
+def test_swapped_entries_are_detected(trail, retention_home):
+    sql(trail, "UPDATE retention_audit SET seq = 100 WHERE seq = 2",
+        "UPDATE retention_audit SET seq = 2 WHERE seq = 3",
+        "UPDATE retention_audit SET seq = 3 WHERE seq = 100")
+    result = verify(retention_home)
+    assert not result.ok and result.first_bad["seq"] == 2
+
+
+def test_rewritten_chain_is_caught_by_the_published_head(trail, retention_home):
+    rows = entries(trail)
+    rows[2]["reason"] = "kept"
+    seq, head = chain.chain(rows, 0, chain.GENESIS)  # a consistent forgery of the whole chain
+    insert_entries(trail, rows, replace_all=True)
+    sql(trail, f"UPDATE retention_audit_head SET seq = {seq}, entry_hash = '{head}'")
+    result = verify(retention_home)
+    assert not result.ok and "the trail was rewritten" in result.problems[0]
+
+
+def test_verify_command_exits_non_zero_and_names_the_entry(trail):
+    ok = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "verify"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "7 entries" in ok.stdout
+    sql(trail, "UPDATE retention_audit SET action = 'keep' WHERE seq = 6")
+    bad = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "verify"], capture_output=True, text=True)
+    assert bad.returncode == 5 and "First bad entry: seq 6" in bad.stderr
+
+
+def test_pruning_leaves_a_signed_checkpoint(backend, retention_home):
+    for n, raised in enumerate(("2013-01-01", "2013-01-01", "2020-01-01"), start=1):
+        backend.insert("crm", "fraud_alerts", dict(alert_id=n, customer_number="F", raised_on=D(raised)))
+    run_retention("2015-01-01", systems=["crm"])  # two entries, as of 2015
+    run_retention("2022-01-01", systems=["crm"])  # one entry, as of 2022
+    store = AuditStore.open()
+    checkpoint = store.prune(date(2016, 1, 1), audit_key())
+    assert checkpoint["seq"] == 2 and checkpoint["entries_pruned"] == 2
+    assert [r["seq"] for r in entries(backend)] == [3]
+    assert verify(retention_home).ok
+    sql(backend, "UPDATE retention_audit_checkpoints SET entries_pruned = 1")
+    assert "bad signature" in verify(retention_home).problems[0]
+
+
+def test_lookup_finds_a_person_by_email_and_customer_number(backend):
+    seed({s: backend.engines[s] for s in SYSTEMS}, size=60, seed=5)
+    subscribers = {r["subscriber_id"]: r for r in backend.rows("marketing", "subscribers")}
+    run_retention(AS_OF)
+    live = {r["subscriber_id"] for r in backend.rows("marketing", "subscribers")}
+    person = next(r for sid, r in subscribers.items() if sid not in live and r["customer_number"])
+
+    def lookup(*args):
+        result = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "lookup", *args, "--json"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        import json
+
+        return json.loads(result.stdout)
+
+    by_email = lookup("--email", person["email"].upper())  # as a person may type it
+    assert any(e["table_name"] == "subscribers" and e["action"] in ("delete", "archive")
+               for e in by_email["entries"])
+    by_number = lookup("--customer-number", person["customer_number"])
+    assert by_number["found"] >= by_email["found"] >= 1
+    assert {e["system"] for e in by_number["entries"]} >= {"marketing"}
+    unknown = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "lookup", "--email",
+                              "nobody@nowhere.test"], capture_output=True, text=True)
+    assert "Nothing recorded" in unknown.stdout
+
+
+def _backup(backend) -> dict:
+    copy = {}
+    for system in SYSTEMS:
+        for table in METADATA[system]().sorted_tables:
+            copy[(system, table.name)] = backend.rows(system, table.name)
+    return copy
+
+
+def _restore(backend, copy: dict) -> None:
+    """Put the sources back as the backup had them: the engine's side tables did not exist then."""
+    for system in SYSTEMS:
+        engine = backend.engines[system]
+        stale = MetaData()
+        stale.reflect(engine)
+        stale.drop_all(engine)
+        metadata = METADATA[system]()
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            for table in metadata.sorted_tables:
+                if copy[(system, table.name)]:
+                    conn.execute(insert(table), copy[(system, table.name)])
+
+
+def _sources(backend) -> dict:
+    state = backend.snapshot()
+    return {k: v for k, v in state.items() if k[0] != "audit" and k[1] != "retention_audit_outbox"}
+
+
+def test_restored_backup_is_cleaned_again(backend):
+    seed({s: backend.engines[s] for s in SYSTEMS}, size=60, seed=9)
+    backup = _backup(backend)
+    first = run_retention(AS_OF)
+    after_first = _sources(backend)
+    first_entries = len(backend.rows("audit", "retention_audit"))
+
+    _restore(backend, backup)
+    second = run_retention(AS_OF)
+    assert _sources(backend) == after_first
+    changed = sum(first["applied"][s][a] for s in SYSTEMS for a in ("delete", "strip", "archive"))
+    assert second["reapplied_after_restore"] == changed > 0
+    replayed = [r for r in backend.rows("audit", "retention_audit") if r["replayed"]]
+    assert len(replayed) == changed and all("re-applied after restore" in r["reason"] for r in replayed)
+    assert len(backend.rows("audit", "retention_audit")) == first_entries + changed
+
+
+def test_pipeline_role_cannot_change_the_trail(backend, request):
+    if backend.kind == "sqlite":  # no roles in SQLite: the command says so; the hash chain still guards
+        result = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "protect", "--role", "x"],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "needs PostgreSQL" in result.stderr
+        return
+    postgres = request.getfixturevalue("postgres")
+    for n in range(1, 3):
+        backend.insert("crm", "fraud_alerts", dict(alert_id=n, customer_number="F", raised_on=D("2015-01-01")))
+    run_retention("2020-01-01", systems=["crm"])
+    owner = backend.engines["audit"]
+    with owner.begin() as conn:
+        conn.exec_driver_sql("DROP ROLE IF EXISTS retention_pipeline")
+        conn.exec_driver_sql("CREATE ROLE retention_pipeline LOGIN")
+    protected = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "protect", "--role",
+                                "retention_pipeline"], capture_output=True, text=True)
+    assert protected.returncode == 0, protected.stderr
+    database = owner.url.database
+    pipeline = create_engine(f"postgresql+psycopg://retention_pipeline@127.0.0.1:{postgres.port}/{database}")
+    try:
+        with pipeline.begin() as conn:  # appending is allowed
+            assert conn.execute(text("SELECT count(*) FROM retention_audit")).scalar() == 2
+        for statement in ("UPDATE retention_audit SET reason = 'x'", "DELETE FROM retention_audit",
+                          "TRUNCATE retention_audit", "DELETE FROM retention_audit_checkpoints"):
+            with pytest.raises(DBAPIError, match="permission denied"):
+                with pipeline.begin() as conn:
+                    conn.execute(text(statement))
+    finally:
+        pipeline.dispose()
+    # Even the owner is stopped by the trigger, outside a pruning transaction.
+    with pytest.raises(DBAPIError, match="append-only"):
+        with owner.begin() as conn:
+            conn.execute(text("UPDATE retention_audit SET reason = 'x'"))
+    # Pruning, by the owner, is the one way entries leave, and it leaves a signed checkpoint.
+    assert AuditStore.open().prune(date(2021, 1, 1), audit_key())["entries_pruned"] == 2
