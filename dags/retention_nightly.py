@@ -29,6 +29,8 @@ with DAG(
         "systems": Param(SYSTEMS, type="array", items={"type": "string", "enum": SYSTEMS},
                          description="Systems to act on (default: all)."),
         "batch_size": Param(2000, type="integer", minimum=1, description="Rows per batch and transaction."),
+        "force": Param(False, type="boolean",
+                       description="Go past the blast-radius guard; the override is recorded in the audit trail."),
     },
     tags=["gdpr", "retention"],
     doc_md=__doc__,
@@ -58,6 +60,12 @@ with DAG(
 
         return dag_steps.decide(get_current_context(), system)
 
+    @task(retries=0, trigger_rule="none_failed")
+    def blast_radius_guard():
+        from retention import dag_steps
+
+        return dag_steps.guard(get_current_context())
+
     @task
     def apply(system: str):
         from retention import dag_steps
@@ -80,6 +88,5 @@ with DAG(
             holds >> extracted >> decision
             decided.append(decision)
             applied.append(apply(name))
-    for task_ in applied:
-        decided >> task_
-    applied >> summary()
+    guard = blast_radius_guard()
+    decided >> guard >> applied >> summary()

@@ -106,8 +106,9 @@ def backend(request, retention_home, monkeypatch):
     result.dispose()
 
 
-def run_retention(as_of, systems=None, dry_run=False, batch_size=500):
-    """One whole run through the same entry point as the CLI."""
+def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=False):
+    """One whole run through the same entry point as the CLI. A first run over seeded data is a
+    backlog and needs `force` past the blast-radius guard, as it would in production."""
     from datetime import date
 
     from retention.pipeline import Run, execute
@@ -116,5 +117,5 @@ def run_retention(as_of, systems=None, dry_run=False, batch_size=500):
     rules = load_rules(RULES)
     as_of = date.fromisoformat(as_of) if isinstance(as_of, str) else as_of
     run = Run(run_id=f"test__{as_of}__{next(_counter)}", as_of=as_of, systems=list(systems or SYSTEMS),
-              dry_run=dry_run, batch_size=batch_size, kind="test")
+              dry_run=dry_run, batch_size=batch_size, kind="test", force=force)
     return execute(rules, run)

@@ -42,9 +42,9 @@ def test_fields_of_an_expired_purpose_go_while_another_keeps_the_record():
 def test_held_subject_is_archived_never_deleted():
     f = facts({"end_of_relationship": EventValue(date(2010, 1, 1))})
     assert decide(CONTACTS, f, date(2020, 1, 1), SETTINGS).action == DELETE
-    held = decide(CONTACTS, f, date(2020, 1, 1), SETTINGS, held={"C1": "claim in litigation"})
+    held = decide(CONTACTS, f, date(2020, 1, 1), SETTINGS, hold_reason="claim in litigation")
     assert held.action == ARCHIVE and "legal hold" in held.reason
-    archived = decide(CONTACTS, facts(f.events, archived=True), date(2020, 1, 1), SETTINGS, held={"C1": "x"})
+    archived = decide(CONTACTS, facts(f.events, archived=True), date(2020, 1, 1), SETTINGS, hold_reason="x")
     assert archived.action == KEEP
 
 
@@ -56,3 +56,24 @@ def test_objection_ends_prospecting_at_once_and_consent_is_required():
     after = decide(SUBSCRIBERS, facts(events), date(2026, 3, 2), SETTINGS)
     assert after.action == DELETE and "ended by objection on 2026-03-01" in after.reason
     assert "no consent_given" in after.reason
+
+
+def test_report_only_rule_is_counted_never_acted_on():
+    from dataclasses import replace
+
+    from retention.rules import Binding
+
+    rule = replace(CONTACTS.retention[0].rule, mode="report_only")
+    table = replace(CONTACTS, retention=(Binding(rule),))
+    decision = decide(table, facts({"end_of_relationship": EventValue(date(2010, 1, 1))}), date(2020, 1, 1), SETTINGS)
+    assert decision.action == KEEP and decision.would == DELETE
+    assert decision.report_only_rules == (rule.name,) and "report only" in decision.reason
+
+
+def test_objection_marks_the_deletion_for_the_suppression_list():
+    events = {"end_of_relationship_or_last_prospect_contact": EventValue(date(2026, 1, 1)),
+              "objection": EventValue(date(2026, 3, 1)), "end_of_contract": EventValue(date(2026, 1, 1)),
+              "consent_given": EventValue(), "consent_withdrawal": EventValue()}
+    assert decide(SUBSCRIBERS, facts(events), date(2026, 3, 2), SETTINGS).suppress == "prospecting"
+    events["objection"] = EventValue()
+    assert decide(SUBSCRIBERS, facts(events), date(2030, 1, 2), SETTINGS).suppress is None

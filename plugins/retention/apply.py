@@ -29,6 +29,7 @@ class Planned:
     fields: tuple = ()
     identifier_hashes: tuple = ()
     replayed: bool = False
+    suppress: str | None = None  # rule whose early end puts the identifiers on the suppression list
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,13 @@ def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: Ru
     needs_archive = any(p.action == ARCHIVE or p.archived for p in batch)
     archive = sources.archive(spec.system, spec.name, create=needs_archive) if needs_archive else None
     outbox = sources.outbox(spec.system)
+    suppression = sources.suppression(spec.system) if any(p.suppress and p.identifier_hashes for p in batch) else None
     groups: dict[tuple, list[Planned]] = defaultdict(list)
     for planned in batch:
         groups[(planned.action, planned.archived, planned.fields)].append(planned)
 
     try:
-        return _apply(sources, spec, live, archive, outbox, groups, run)
+        return _apply(sources, spec, live, archive, outbox, suppression, groups, run)
     except IntegrityError as exc:
         raise ApplyRefused(
             f"{spec.system}.{spec.name}: the database refused the batch, nothing of it was changed "
@@ -73,9 +75,11 @@ class ApplyRefused(Exception):
     pass
 
 
-def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, groups: dict, run: RunContext) -> Counter:
+def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression, groups: dict,
+           run: RunContext) -> Counter:
     counts: Counter = Counter()
     entries = []
+    suppressed: dict = {}
     recorded_at = audit.now()
     with sources.engine(spec.system).begin() as conn:
         for (action, archived, fields), group in groups.items():
@@ -100,8 +104,17 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, groups: dic
                 if tuple(planned.key) in changed:
                     entries.append(_entry(spec, planned, run, recorded_at))
                     counts[action] += 1
+                    if planned.suppress:
+                        for ihash in planned.identifier_hashes:
+                            suppressed[ihash] = planned.suppress
         if entries:
             conn.execute(insert(outbox), entries)
+        if suppressed:
+            # Same transaction as the deletion: the person is never deleted without being suppressed.
+            until = {name: run.rules.rules[name].suppress_for.after(run.as_of) for name in set(suppressed.values())}
+            conn.execute(delete(suppression).where(suppression.c.identifier_hash.in_(list(suppressed))))
+            conn.execute(insert(suppression), [dict(identifier_hash=h, rule=r, added_on=run.as_of, expires_on=until[r])
+                                               for h, r in suppressed.items()])
     return counts
 
 

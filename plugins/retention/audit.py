@@ -166,20 +166,40 @@ class AuditStore:
                 return moved
             ids = [r["entry_id"] for r in rows]
             with self.engine.begin() as conn:
-                # Writing the head first takes the write lock (a row lock on PostgreSQL, the database
-                # lock on SQLite), so concurrent publishers extend the chain one after the other.
-                conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
-                seq, prev = conn.execute(select(self.head.c.seq, self.head.c.entry_hash)).one()
                 known = set(conn.scalars(select(self.entries.c.entry_id).where(self.entries.c.entry_id.in_(ids))))
                 fresh = [r for r in rows if r["entry_id"] not in known]
-                if fresh:
-                    seq, prev = chain.chain(fresh, seq, prev)
-                    conn.execute(insert(self.entries), fresh)
-                    conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
+                self._chain_in(conn, fresh)
             # Only once the store has committed them may the outbox forget them.
             with sources.engine(system).begin() as conn:
                 conn.execute(delete(outbox).where(outbox.c.entry_id.in_(ids)))
             moved += len(fresh)
+
+    def _chain_in(self, conn, entries: list[dict]) -> None:
+        """Append entries to the chain inside the caller's transaction. Writing the head first takes
+        the write lock (a row lock on PostgreSQL, the database lock on SQLite), so concurrent
+        writers extend the chain one after the other."""
+        conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
+        if not entries:
+            return
+        seq, prev = conn.execute(select(self.head.c.seq, self.head.c.entry_hash)).one()
+        seq, prev = chain.chain(entries, seq, prev)
+        conn.execute(insert(self.entries), entries)
+        conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
+
+    def append(self, entries: list[dict]) -> None:
+        """Record events that change no source row (legal holds, guard overrides)."""
+        with self.engine.begin() as conn:
+            self._chain_in(conn, entries)
+
+    def event_entry(self, key: bytes, run_id: str, as_of: date, action: str, reason: str, *,
+                    system: str = "*", table: str = "-", subject: str | None = None, purposes: str = "",
+                    rules: str = "") -> dict:
+        """An audit entry for an event of the enforcement itself, not of one source row."""
+        rhash = keyed_hash(key, "event", run_id, action, system, table, reason)
+        return dict(entry_id=entry_id(run_id, system, table, rhash, action, ()), run_id=run_id, as_of=as_of,
+                    system=system, table_name=table, record_hash=rhash, subject_hash=subject, action=action,
+                    rules=rules, purposes=purposes, fields=None, reason=reason, recorded_at=now(),
+                    identifier_hashes=None, key_id=key_id(key), replayed=0)
 
     def chain_head(self) -> tuple[int, str]:
         if not self.exists:

@@ -4,6 +4,7 @@ Exit codes scripts can rely on:
   0 success - 1 unexpected failure - 2 bad usage or bad input (date, option)
   3 the rules are invalid (file, line and fix printed) - 4 a database is unreachable or missing a table
   5 the audit trail failed verification (the first bad entry is named)
+  6 the blast-radius guard stopped the run before any change (rerun with --force if intended)
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from rich.table import Table
 
 from .connections import ConnectionProblem
 from .durations import DurationError, parse_as_of
+from .guard import BlastRadiusExceeded
 from .rules import RulesError, load_rules
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED, EXIT_GUARD = 0, 1, 2, 3, 4, 5, 6
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionProblem as exc:
         err.print(f"[bold red]Database problem[/]; nothing was changed: {exc}", markup=True)
         return EXIT_DATABASE
-    except (UsageProblem, DurationError) as exc:
-        err.print(f"[bold red]Error:[/] {exc}")
+    except (UsageProblem, DurationError, LookupError) as exc:
+        err.print(f"[bold red]Error:[/] {exc}", markup=True)
         return EXIT_USAGE
+    except BlastRadiusExceeded as exc:
+        err.print(f"[bold red]Stopped by the blast-radius guard[/]: {exc}")
+        return EXIT_GUARD
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +94,24 @@ def _parser() -> argparse.ArgumentParser:
     protect.add_argument("--reader-role", help="a role that may only read the trail (the DPO)")
     protect.set_defaults(handler=cmd_audit_protect)
 
+    hold = commands.add_parser("hold", help="legal holds placed by hand").add_subparsers(dest="hold_command", required=True)
+    add = hold.add_parser("add", help="freeze deletion of everything linked to a subject")
+    add.add_argument("--subject", required=True, help="the customer number")
+    add.add_argument("--system", action="append", default=[], help="limit to this system (repeatable)")
+    add.add_argument("--purpose", action="append", default=[], help="limit to this purpose (repeatable)")
+    add.add_argument("--reason", required=True)
+    add.add_argument("--author", required=True, help="who decides the hold (a login, not a customer)")
+    add.set_defaults(handler=cmd_hold_add)
+    release = hold.add_parser("release", help="end a hold: the normal clocks resume at the next run")
+    release.add_argument("hold_id", type=int)
+    release.add_argument("--author", required=True)
+    release.set_defaults(handler=cmd_hold_release)
+    hold.add_parser("list", help="the active holds").set_defaults(handler=cmd_hold_list)
+
+    suppression = commands.add_parser("suppression", help="the marketing suppression list")
+    suppression.add_argument("--email", required=True, help="is this address on the suppression list?")
+    suppression.set_defaults(handler=cmd_suppression)
+
     for name, help_text in (("plan", "dry run: what a run would do, writing nothing"),
                             ("run", "enforce the rules as of a date")):
         sub = commands.add_parser(name, help=help_text)
@@ -96,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--system", action="append", help="limit to this system (repeatable)")
         sub.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
         sub.add_argument("--batch-size", type=int, default=2000, help="rows per batch and transaction")
+        sub.add_argument("--force", action="store_true",
+                         help="go past the blast-radius guard (recorded in the audit trail)")
         if name == "run":
             sub.add_argument("--dry-run", action="store_true", help="same as `plan`")
         sub.set_defaults(handler=cmd_run, dry_run=(name == "plan"))
@@ -162,7 +187,7 @@ def cmd_run(args) -> int:
     _live_check(rules, systems)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     run = Run(run_id=f"cli__{as_of}__{stamp}", as_of=as_of, systems=systems, dry_run=args.dry_run,
-              batch_size=args.batch_size, kind="cli")
+              batch_size=args.batch_size, kind="cli", force=args.force)
     if args.json:
         summary = execute(rules, run)
     else:
@@ -266,6 +291,78 @@ def cmd_audit_protect(args) -> int:
     return EXIT_OK
 
 
+def _hold_store():
+    from .audit import AuditStore
+    from .holds import HoldStore
+
+    return HoldStore(AuditStore.open())
+
+
+def cmd_hold_add(args) -> int:
+    from .audit import audit_key
+
+    rules = load_rules(args.rules)
+    for name in args.system:
+        rules.system(name)
+    known = {p for p in rules.purposes}
+    unknown = [p for p in args.purpose if p not in known]
+    if unknown:
+        raise UsageProblem(f"unknown purpose(s) {', '.join(unknown)}; use: {', '.join(sorted(known))}")
+    hold_id = _hold_store().add(audit_key(), args.subject, args.system, args.purpose, args.reason, args.author)
+    scope = ", ".join(args.system or ["every system"]) + "; " + ", ".join(args.purpose or ["every purpose"])
+    out.print(f"Legal hold #{hold_id} placed ({scope}). From the next run, nothing linked to this subject "
+              "is deleted: expired records go to the intermediate archive. The change is in the audit trail.")
+    return EXIT_OK
+
+
+def cmd_hold_release(args) -> int:
+    from .audit import audit_key
+
+    _hold_store().release(audit_key(), args.hold_id, args.author)
+    out.print(f"Legal hold #{args.hold_id} released; the normal clocks apply from the next run, archived records included.")
+    return EXIT_OK
+
+
+def cmd_hold_list(args) -> int:
+    holds = _hold_store().active()
+    if not holds:
+        out.print("No legal hold placed by hand is active (holds declared in the data map apply by themselves).")
+        return EXIT_OK
+    table = Table(title="Active legal holds")
+    for column in ("id", "subject (keyed hash)", "systems", "purposes", "reason", "author", "placed"):
+        table.add_column(column)
+    for h in holds:
+        table.add_row(str(h["hold_id"]), h["subject_hash"][:16] + "…", h["systems"] or "all", h["purposes"] or "all",
+                      h["reason"], h["author"], str(h["placed_on"])[:19])
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_suppression(args) -> int:
+    from sqlalchemy import select
+
+    from .audit import all_keys, identifier_hash
+    from .sources import SUPPRESSION_TABLE, Sources
+
+    rules = load_rules(args.rules)
+    hashes = [identifier_hash(k, "email", args.email) for k in all_keys().values()]
+    sources = Sources(rules)
+    try:
+        for system in sorted(rules.systems):
+            if sources.has_table(system, SUPPRESSION_TABLE):
+                table = sources.table(system, SUPPRESSION_TABLE)
+                with sources.engine(system).connect() as conn:
+                    row = conn.execute(select(table).where(table.c.identifier_hash.in_(hashes))).first()
+                if row is not None:
+                    out.print(f"On the suppression list of {system} until {row.expires_on} ({row.rule}): "
+                              "never contact this address.")
+                    return EXIT_OK
+    finally:
+        sources.dispose()
+    out.print("Not on the suppression list.")
+    return EXIT_OK
+
+
 def _live_check(rules, systems: list[str]) -> None:
     from .live_check import check_live
     from .sources import Sources
@@ -322,6 +419,14 @@ def print_summary(summary: dict) -> None:
                   "available yet: they were left untouched and will be handled once it is.")
     for setting in summary["dpo_settings"]:
         out.print(f"Set by DPO decision: {setting['rule']} = {setting['duration']} ({setting['decision']})")
+    guard_outcome = summary.get("guard", {})
+    for message in guard_outcome.get("violations", []):
+        verb = "FORCED past the blast-radius guard (recorded in the audit trail)" if guard_outcome.get("forced") \
+            else "the blast-radius guard would stop a real run"
+        out.print(f"{verb}: {message}", markup=False)
+    for row in summary.get("report_only", []):
+        out.print(f"Report only, not enforced: {row['count']} record(s) of {row['system']}.{row['table']} "
+                  f"would be {row['action']} under rule {row['rule']}", markup=False)
     if summary.get("reapplied_after_restore"):
         out.print(f"{summary['reapplied_after_restore']} record(s) had come back from a restored backup: "
                   "their deletion or stripping was applied again.")

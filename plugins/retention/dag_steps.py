@@ -30,7 +30,8 @@ def run_from_context(context) -> Run:
     systems = [s for s in (params.get("systems") or sorted(rules.systems))]
     kind = str(getattr(dag_run, "run_type", "manual")).split(".")[-1].lower()
     return Run(run_id=dag_run.run_id, as_of=as_of_date(dag_run, rules.settings.timezone), systems=systems,
-               dry_run=bool(params.get("dry_run")), batch_size=int(params.get("batch_size") or 2000), kind=kind)
+               dry_run=bool(params.get("dry_run")), batch_size=int(params.get("batch_size") or 2000), kind=kind,
+               force=bool(params.get("force")))
 
 
 def check_rules(context) -> dict:
@@ -63,14 +64,16 @@ def check_rules(context) -> dict:
 
 
 def compute_holds(context) -> int:
-    from .pipeline import compute_holds as compute, write_holds
+    from .audit import audit_key
+    from .holds import all_holds
+    from .pipeline import write_holds
     from .rules import load_rules
     from .sources import Sources
 
     run, rules = run_from_context(context), load_rules()
     sources = Sources(rules, use_airflow=True)
     try:
-        held = compute(rules, sources)
+        held = all_holds(rules, sources, audit_key(use_airflow=True), use_airflow=True)
     finally:
         sources.dispose()
     write_holds(run, held)
@@ -111,6 +114,22 @@ def decide(context, system: str) -> dict:
     known = AuditStore.open(use_airflow=True, create=False)
     tally = decide_system(load_rules(), run, system, read_holds(run), audit_key(use_airflow=True), known)
     return tally.actions(system)
+
+
+def guard(context) -> dict:
+    """Stop the run before any change if a table would change beyond its limits (unless forced)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from .audit import audit_key
+    from .guard import BlastRadiusExceeded
+    from .pipeline import guard_run
+    from .rules import load_rules
+
+    run = run_from_context(context)
+    try:
+        return guard_run(load_rules(), run, audit_key(use_airflow=True), use_airflow=True)
+    except BlastRadiusExceeded as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def apply(context, system: str) -> dict:

@@ -41,6 +41,7 @@ class RuleStatus:
     alive: bool
     keep_until: date | None  # last day kept; None while the clock has not started
     reason: str
+    ended_early: bool = False  # by its `ends_early_on` event (an objection, a consent withdrawal)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Decision:
     reason: str
     fields: tuple = ()
     replayed: bool = False  # applied again: a restored backup brought back what was removed
+    would: str | None = None  # what rules in `report_only` mode would have done instead
+    report_only_rules: tuple = ()
+    suppress: str | None = None  # rule whose early end (an objection) puts identifiers on the suppression list
 
 
 def latest_of(values) -> EventValue:
@@ -74,7 +78,7 @@ def rule_status(binding: Binding, facts: Facts, as_of: date, settings: Settings)
     if early is not None and early.day is not None and not early.ongoing:
         if as_of > early.day:
             return RuleStatus(rule.name, False, early.day,
-                              f"{rule.name}: ended by {rule.ends_early_on} on {early.day}")
+                              f"{rule.name}: ended by {rule.ends_early_on} on {early.day}", True)
     if clock.ongoing:
         return RuleStatus(rule.name, True, None, f"{rule.name}: {rule.clock} not reached (ongoing)")
     if clock.day is None:
@@ -92,12 +96,25 @@ def rule_status(binding: Binding, facts: Facts, as_of: date, settings: Settings)
 
 
 def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
-           held: dict | None = None) -> Decision:
-    """One decision for one row. `held` maps held subjects to the reason of their legal hold."""
+           hold_reason: str | None = None) -> Decision:
+    """One decision for one row; `hold_reason` says why the row's subject is under a legal hold.
+    Rules in `report_only` mode never release anything: what they would do is reported instead."""
     statuses = [(b, rule_status(b, facts, as_of, settings)) for b in table.retention]
-    alive = [(b, s) for b, s in statuses if s.alive]
-    hold_reason = (held or {}).get(facts.subject) if facts.subject is not None else None
+    pending = [b.rule.name for b, s in statuses if not s.alive and b.rule.mode == "report_only"]
+    if not pending:
+        return _decide(table, facts, statuses, hold_reason)
+    would = _decide(table, facts, statuses, hold_reason)
+    enforced = [(b, s if s.rule not in pending else
+                 replace(s, alive=True, keep_until=None, reason=f"{s.reason} (report only: not enforced)"))
+                for b, s in statuses]
+    decision = _decide(table, facts, enforced, hold_reason)
+    if (would.action, would.fields) == (decision.action, decision.fields):
+        return decision
+    return replace(decision, would=would.action, report_only_rules=tuple(pending))
 
+
+def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | None) -> Decision:
+    alive = [(b, s) for b, s in statuses if s.alive]
     if alive:
         # The purpose that lasts longest is the one keeping the record.
         keeper = max(alive, key=lambda bs: bs[1].keep_until or date.max)[1]
@@ -128,7 +145,8 @@ def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
             rules = tuple(s.rule for b, s in statuses if set(b.fields) & set(strip))
             return Decision(STRIP, rules, f"{reason}; anonymisation pending", strip)
         return Decision(ANONYMISE_PENDING, (last.rule,), f"{reason}; anonymisation not available yet, left untouched")
-    return Decision(DELETE, (last.rule,), reason)
+    suppress = next((b.rule.name for b, s in statuses if s.ended_early and b.rule.suppress_for), None)
+    return Decision(DELETE, (last.rule,), reason, suppress=suppress)
 
 
 def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None) -> Decision:
@@ -142,7 +160,7 @@ def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None)
     if decision.action == ARCHIVE or action == "archive":
         return replace(decision, reason=origin, replayed=True) if decision.action == ARCHIVE else decision
     if action in ("delete", "delete_from_archive"):
-        return Decision(DELETE, decision.rules, origin, (), True)
+        return replace(decision, action=DELETE, reason=origin, fields=(), replayed=True)
     if decision.action == DELETE:
         return decision  # the record's own end has come since it was stripped
     lost = tuple(f for f in (fields or "").split(",") if f and f in facts.present)

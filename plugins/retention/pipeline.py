@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.schema import sort_tables
 
 from . import audit as audit_mod
+from . import guard
+from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
 from .decide import ACTIONS, CHANGING, EventValue, Facts, decide, reapply_after_restore
@@ -44,6 +45,7 @@ class Run:
     dry_run: bool = False
     batch_size: int = DEFAULT_BATCH
     kind: str = "manual"  # scheduled | manual | backfill | cli
+    force: bool = False  # let a run through the blast-radius guard (recorded in the audit trail)
 
     @property
     def directory(self) -> Path:
@@ -63,30 +65,12 @@ def safe_name(run_id: str) -> str:
 # ---------------------------------------------------------------- holds
 
 
-def compute_holds(rules: Rules, sources: Sources) -> dict:
-    """{subject: reason} for every subject under a legal hold, across all systems. Live and
-    archived rows both count: the record that caused a hold is often archived under it."""
-    held: dict = {}
-    for spec in rules.systems.values():
-        for hold in spec.holds:
-            archive = sources.archive(spec.name, hold.table)
-            tables = [sources.table(spec.name, hold.table)] + ([archive] if archive is not None else [])
-            for table in tables:
-                query = select(table.c[hold.subject]).distinct().where(
-                    *[table.c[col].in_(values) for col, values in hold.where])
-                with sources.engine(spec.name).connect() as conn:
-                    for (subject,) in conn.execute(query):
-                        if subject is not None:
-                            held.setdefault(subject, hold.reason)
-    return held
-
-
 def write_holds(run: Run, held: dict) -> None:
-    _write_json(run.directory / "holds.json", [[s, r] for s, r in held.items()])
+    _write_json(run.directory / "holds.json", holds_mod.to_json(held))
 
 
 def read_holds(run: Run) -> dict:
-    return {s: r for s, r in _read_json(run.directory / "holds.json")}
+    return holds_mod.from_json(_read_json(run.directory / "holds.json"))
 
 
 # ---------------------------------------------------------------- extract
@@ -142,6 +126,7 @@ class Tally:
     by_rule: Counter = field(default_factory=Counter)
     samples: dict = field(default_factory=dict)
     replayed: Counter = field(default_factory=Counter)  # per system: re-applied after a restore
+    report_only: Counter = field(default_factory=Counter)  # (system, table, rule, would-be action)
 
     def add(self, system: str, table: str, rules: tuple, action: str, reason: str, replayed: bool = False) -> None:
         self.records[(system, table, action)] += 1
@@ -157,6 +142,7 @@ class Tally:
     def merge(self, other: "Tally") -> None:
         self.records.update(other.records)
         self.replayed.update(other.replayed)
+        self.report_only.update(other.report_only)
         self.by_rule.update(other.by_rule)
         for key, reasons in other.samples.items():
             bucket = self.samples.setdefault(key, [])
@@ -177,6 +163,8 @@ class Tally:
                          "samples": self.samples.get((s, t, r, a), [])}
                         for (s, t, r, a), n in sorted(self.by_rule.items())],
             "replayed": dict(self.replayed),
+            "report_only": [{"system": s, "table": t, "rule": r, "action": a, "count": n}
+                            for (s, t, r, a), n in sorted(self.report_only.items())],
         }
 
     @classmethod
@@ -189,6 +177,8 @@ class Tally:
             tally.by_rule[key] = row["count"]
             tally.samples[key] = row["samples"]
         tally.replayed.update(data.get("replayed", {}))
+        for row in data.get("report_only", []):
+            tally.report_only[(row["system"], row["table"], row["rule"], row["action"])] = row["count"]
         return tally
 
 
@@ -205,15 +195,18 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
             hashes = [audit_mod.record_hash(key, system, table_name, f.key) for f in chunk]
             prior = store.prior_final_actions(system, table_name, hashes) if store is not None else {}
             for facts, rhash in zip(chunk, hashes):
-                decision = decide(table, facts, run.as_of, rules.settings, held)
+                held_because = holds_mod.hold_reason(held, audit_mod.subject_hash(key, facts.subject), system, table)
+                decision = decide(table, facts, run.as_of, rules.settings, held_because)
                 decision = reapply_after_restore(decision, facts, prior.get(rhash))
                 tally.add(system, table.name, decision.rules, decision.action, decision.reason, decision.replayed)
+                for rule in decision.report_only_rules:
+                    tally.report_only[(system, table.name, rule, decision.would)] += 1
                 if decision.action in CHANGING:
                     out.write(json.dumps({"t": table.name, "k": list(facts.key), "s": facts.subject,
                                           "a": facts.archived, "action": decision.action,
                                           "rules": list(decision.rules), "reason": decision.reason,
                                           "fields": list(decision.fields), "i": list(facts.identifier_hashes),
-                                          "r": decision.replayed}, default=str) + "\n")
+                                          "r": decision.replayed, "x": decision.suppress}, default=str) + "\n")
     _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
 
@@ -235,6 +228,27 @@ def read_tally(run: Run, system: str) -> Tally:
     return Tally.from_json(_read_json(_staging(run, system, "tally", ".json")))
 
 
+# ---------------------------------------------------------------- guard
+
+
+def guard_run(rules: Rules, run: Run, key: bytes, use_airflow: bool = False) -> dict:
+    """Stop before any change if a table would change beyond its limits, unless forced; a forced
+    override is written to the audit trail. A dry run reports what the guard would do."""
+    tally = Tally()
+    for system in run.systems:
+        tally.merge(read_tally(run, system))
+    violations = guard.check(rules, tally)
+    outcome = {"violations": [v.message for v in violations], "forced": bool(violations) and run.force}
+    _write_json(run.directory / "guard.json", outcome)
+    if violations and not run.dry_run:
+        if not run.force:
+            raise guard.BlastRadiusExceeded(violations)
+        store = audit_mod.AuditStore.open(use_airflow)
+        store.append([store.event_entry(key, run.run_id, run.as_of, "guard_override", f"forced: {v.message}",
+                                        system=v.system, table=v.table, rules=v.rule) for v in violations])
+    return outcome
+
+
 # ---------------------------------------------------------------- apply
 
 
@@ -242,6 +256,9 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
                  key: bytes, progress: Progress | None = None) -> Counter:
     """Act on one system's decisions in batches, then publish its audit entries."""
     store.publish(sources, system)  # entries a crashed run left in the outbox come first
+    expired = sources.purge_suppression(system, run.as_of)
+    if expired:
+        log.info("%d suppression-list entries of %s reached the end of their period and were removed", expired, system)
     spec = rules.system(system)
     context = RunContext(run.run_id, run.as_of, key, rules)
     done: Counter = Counter()
@@ -258,7 +275,7 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
 def _planned_batches(run: Run, system: str, size: int) -> Iterator[tuple[str, list[Planned]]]:
     for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "decisions")), size):
         yield table_name, [Planned(tuple(r["k"]), r["s"], r["a"], r["action"], tuple(r["rules"]), r["reason"],
-                                   tuple(r["fields"]), tuple(r["i"]), r["r"]) for r in rows]
+                                   tuple(r["fields"]), tuple(r["i"]), r["r"], r["x"]) for r in rows]
 
 
 # ---------------------------------------------------------------- summary
@@ -273,6 +290,7 @@ def summarize(rules: Rules, run: Run, tally: Tally, applied: dict | None, held_c
         "by_system": {s: tally.actions(s) for s in systems},
         "details": tally.to_json(), "held_subjects": held_count,
         "reapplied_after_restore": sum(tally.replayed.values()),
+        "report_only": tally.to_json()["report_only"], "force": run.force,
         "dpo_settings": [{"rule": r.name, "duration": str(r.duration), "decision": r.decision}
                          for r in rules.rules.values() if r.set_by_dpo],
     }
@@ -290,6 +308,7 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
     if not run.dry_run:
         applied = {s: _read_json(_staging(run, s, "applied", ".json")) for s in run.systems}
     summary = summarize(rules, run, tally, applied, len(read_holds(run)))
+    summary["guard"] = _read_json(run.directory / "guard.json")
     summary["summary_file"] = str(run.directory / "summary.json")
     if not run.dry_run:
         store = audit_mod.AuditStore.open(use_airflow)
@@ -309,12 +328,13 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
     sources = Sources(rules, use_airflow)
     key = audit_mod.audit_key(use_airflow)
     try:
-        write_holds(run, compute_holds(rules, sources))
+        write_holds(run, holds_mod.all_holds(rules, sources, key, use_airflow))
         held = read_holds(run)
         known = audit_mod.AuditStore.open(use_airflow, create=False)
         for system in run.systems:
             extract_system(rules, sources, run, system, key, progress)
             decide_system(rules, run, system, held, key, known)
+        guard_run(rules, run, key, use_airflow)
         if not run.dry_run:
             store = audit_mod.AuditStore.open(use_airflow)
             for system in run.systems:

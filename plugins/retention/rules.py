@@ -16,6 +16,7 @@ from .durations import Duration, DurationError, parse_duration, parse_month_day
 THEN_ACTIONS = ("delete", "anonymise", "delete_or_anonymise")
 ON_EXPIRY = ("delete", "anonymise")
 COUNTED_FROM = ("event", "fiscal_year_close")
+MODES = ("enforce", "report_only")
 LEGAL_BASES = (
     "consent", "contract", "pre_contractual_measures", "legal_obligation", "legitimate_interest",
     "vital_interest", "public_task",
@@ -67,6 +68,8 @@ class Rule:
     decision: str | None = None
     note: str | None = None
     line: int = 0
+    mode: str = "enforce"  # report_only: counted and reported, never acted on
+    suppress_for: Duration | None = None  # after an early end (objection): keep a keyed hash this long
 
     @property
     def set_by_dpo(self) -> bool:
@@ -100,6 +103,7 @@ class TableSpec:
     file: str = ""
     line: int = 0
     identifiers: tuple = ()  # ((kind, column), ...): what a person may give to find their records
+    blast_radius: BlastRadius | None = None  # None: the policy's settings
 
     @property
     def strip_fields(self) -> tuple:
@@ -119,12 +123,20 @@ class SystemSpec:
     file: str = ""
 
 
+@dataclass(frozen=True)
+class BlastRadius:
+    max_share: float = 0.5  # of a table's rows changed by one run
+    max_rows: int = 100_000  # rows of a table changed by one run
+    min_rows: int = 200  # below this table size the share is not checked (one row of three is 33%)
+
+
 @dataclass
 class Settings:
     fiscal_year_close: tuple = (12, 31)
     timezone: str = "Europe/Paris"
     audit_retention: Duration | None = None  # None: the audit trail is never pruned
     audit_retention_decision: str | None = None
+    blast_radius: BlastRadius = BlastRadius()
 
 
 @dataclass
@@ -289,7 +301,9 @@ def _policy(raw: dict, file: str, problems: list[Problem]):
     raw_settings = raw.get("settings") or {}
     if check.mapping(raw_settings, raw.line_of("settings"), "settings"):
         check.keys(raw_settings, "settings", (),
-                   ("fiscal_year_close", "timezone", "audit_retention", "audit_retention_decision"))
+                   ("fiscal_year_close", "timezone", "audit_retention", "audit_retention_decision", "blast_radius"))
+        if "blast_radius" in raw_settings:
+            settings.blast_radius = _blast_radius(raw_settings, BlastRadius(), "settings", check)
         if "audit_retention" in raw_settings:
             try:
                 settings.audit_retention = parse_duration(raw_settings["audit_retention"])
@@ -337,7 +351,8 @@ def _policy(raw: dict, file: str, problems: list[Problem]):
 def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None:
     where = f"rule {name}"
     if not check.keys(spec, where, ("label", "purposes", "clock", "duration", "then"),
-                      ("counted_from", "ends_early_on", "requires", "set_by", "decision", "note")):
+                      ("counted_from", "ends_early_on", "requires", "set_by", "decision", "note", "mode",
+                       "suppress_for")):
         return None
     rule_purposes = spec["purposes"]
     if not isinstance(rule_purposes, list) or not rule_purposes:
@@ -368,6 +383,18 @@ def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None
     if set_by == "dpo" and not spec.get("decision"):
         check.problem(spec.line, f"{where}: a DPO-set duration needs its `decision`",
                       "add `decision:` quoting the DPO's decision and its date")
+    mode = spec.get("mode", "enforce")
+    if mode not in MODES:
+        check.problem(spec.line_of("mode"), f"{where}: unknown `mode: {mode}`", f"use one of: {', '.join(MODES)}")
+    suppress_for = None
+    if spec.get("suppress_for") is not None:
+        if not spec.get("ends_early_on"):
+            check.problem(spec.line_of("suppress_for"), f"{where}: `suppress_for` needs `ends_early_on`",
+                          "name the event (an objection) whose early end puts the person on the suppression list")
+        try:
+            suppress_for = parse_duration(spec["suppress_for"])
+        except DurationError as exc:
+            check.problem(spec.line_of("suppress_for"), f"{where}: {exc}", "e.g. `suppress_for: 3 years`")
     for key in ("clock", "ends_early_on", "requires"):
         if key in spec and spec[key] is not None:
             check.name(spec[key], spec.line_of(key), f"{where}: {key}")
@@ -375,7 +402,8 @@ def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None
         name=name, label=str(spec["label"]), purposes=tuple(rule_purposes), clock=str(spec["clock"]),
         duration=duration, then=str(then), counted_from=counted_from,
         ends_early_on=spec.get("ends_early_on"), requires=spec.get("requires"), set_by=set_by,
-        decision=spec.get("decision"), note=spec.get("note"), line=spec.line,
+        decision=spec.get("decision"), note=spec.get("note"), line=spec.line, mode=mode,
+        suppress_for=suppress_for,
     )
 
 
@@ -490,7 +518,7 @@ def _where(raw, line: int, where: str, check: _Checker) -> tuple:
 def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict, check: _Checker):
     where = f"table {name}"
     if not check.keys(spec, where, ("primary_key", "retention"),
-                      ("subject", "lookups", "events", "on_expiry", "identifiers")):
+                      ("subject", "lookups", "events", "on_expiry", "identifiers", "blast_radius")):
         return None
     pk = spec["primary_key"]
     if not isinstance(pk, list) or not pk or not all(isinstance(c, str) for c in pk):
@@ -555,8 +583,30 @@ def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict,
             if check.name(kind, raw_identifiers.line_of(kind), f"{where}: identifier kind"):
                 identifiers.append((str(kind), str(column)))
     subject = spec.get("subject")
+    blast_radius = _blast_radius(spec, None, where, check) if "blast_radius" in spec else None
     return TableSpec(system, name, tuple(pk), subject, lookups, events, tuple(bindings), on_expiry,
-                     check.file, spec.line, tuple(identifiers))
+                     check.file, spec.line, tuple(identifiers), blast_radius)
+
+
+def _blast_radius(parent: dict, default: BlastRadius | None, where: str, check: _Checker) -> BlastRadius:
+    raw = parent["blast_radius"]
+    base = default or BlastRadius()
+    if not check.mapping(raw, parent.line_of("blast_radius"), f"{where}: blast_radius"):
+        return base
+    check.keys(raw, f"{where}: blast_radius", (), ("max_share", "max_rows", "min_rows"))
+    share = raw.get("max_share", base.max_share)
+    if not isinstance(share, (int, float)) or not 0 < share <= 1:
+        check.problem(raw.line_of("max_share"), f"{where}: max_share must be a share between 0 and 1",
+                      "e.g. `max_share: 0.2` for 20% of the table")
+        share = base.max_share
+    counts = {}
+    for name in ("max_rows", "min_rows"):
+        value = raw.get(name, getattr(base, name))
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            check.problem(raw.line_of(name), f"{where}: {name} must be a whole number of rows", f"e.g. `{name}: 1000`")
+            value = getattr(base, name)
+        counts[name] = value
+    return BlastRadius(float(share), counts["max_rows"], counts["min_rows"])
 
 
 def _check_related_targets(systems: dict, problems: list[Problem]) -> None:

@@ -10,6 +10,7 @@ from .connections import ConnectionProblem, describe, env_var, make_engine, reso
 from .rules import Rules
 
 OUTBOX_TABLE = "retention_audit_outbox"
+SUPPRESSION_TABLE = "retention_suppression"  # keyed hashes of people who objected: never contact again
 ARCHIVE_PREFIX = "retention_archive__"
 ARCHIVED_ON = "retention_archived_on"
 
@@ -101,6 +102,25 @@ class Sources:
             audit_table(metadata, OUTBOX_TABLE)
             metadata.create_all(self.engine(system))
         return self.table(system, OUTBOX_TABLE)
+
+    def suppression(self, system: str) -> Table:
+        if not self.has_table(system, SUPPRESSION_TABLE):
+            metadata = MetaData()
+            Table(SUPPRESSION_TABLE, metadata,
+                  Column("identifier_hash", String(64), primary_key=True),
+                  Column("rule", String(64), nullable=False),
+                  Column("added_on", Date, nullable=False),
+                  Column("expires_on", Date, nullable=False))
+            metadata.create_all(self.engine(system))
+        return self.table(system, SUPPRESSION_TABLE)
+
+    def purge_suppression(self, system: str, as_of) -> int:
+        """The suppression list has its own period: entries past it go."""
+        if not self.has_table(system, SUPPRESSION_TABLE):
+            return 0
+        table = self.table(system, SUPPRESSION_TABLE)
+        with self.engine(system).begin() as conn:
+            return conn.execute(table.delete().where(table.c.expires_on < as_of)).rowcount
 
     def dispose(self) -> None:
         for engine in self._engines.values():
