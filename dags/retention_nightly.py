@@ -36,6 +36,20 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
 
+    # Runs never overlap, whoever starts them (schedule, backfill, CLI): the first task waits for
+    # the enforcement lock, the last one releases it even when the run failed.
+    @task.sensor(poke_interval=15, timeout=6 * 3600, mode="reschedule")
+    def acquire_run_lock():
+        from retention import dag_steps
+
+        return dag_steps.acquire_run_lock(get_current_context())
+
+    @task(trigger_rule="all_done")
+    def release_run_lock():
+        from retention import dag_steps
+
+        dag_steps.release_run_lock(get_current_context())
+
     @task(retries=0)
     def check_rules():
         from retention import dag_steps
@@ -79,7 +93,7 @@ with DAG(
         return dag_steps.finish(get_current_context())
 
     holds = legal_holds()
-    check_rules() >> holds
+    acquire_run_lock() >> check_rules() >> holds
     decided, applied = [], []
     for name in SYSTEMS:
         with TaskGroup(group_id=name):
@@ -89,4 +103,4 @@ with DAG(
             decided.append(decision)
             applied.append(apply(name))
     guard = blast_radius_guard()
-    decided >> guard >> applied >> summary()
+    decided >> guard >> applied >> summary() >> release_run_lock()

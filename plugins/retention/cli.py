@@ -5,6 +5,7 @@ Exit codes scripts can rely on:
   3 the rules are invalid (file, line and fix printed) - 4 a database is unreachable or missing a table
   5 the audit trail failed verification (the first bad entry is named)
   6 the blast-radius guard stopped the run before any change (rerun with --force if intended)
+  7 another run is enforcing (runs never overlap)
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from rich.table import Table
 from .connections import ConnectionProblem
 from .durations import DurationError, parse_as_of
 from .guard import BlastRadiusExceeded
+from .run_lock import RunInProgress
 from .rules import RulesError, load_rules
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED, EXIT_GUARD = 0, 1, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED, EXIT_GUARD, EXIT_BUSY = range(8)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except BlastRadiusExceeded as exc:
         err.print(f"[bold red]Stopped by the blast-radius guard[/]: {exc}")
         return EXIT_GUARD
+    except RunInProgress as exc:
+        err.print(f"[bold red]Not started[/]: {exc}")
+        return EXIT_BUSY
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--author", required=True)
     release.set_defaults(handler=cmd_hold_release)
     hold.add_parser("list", help="the active holds").set_defaults(handler=cmd_hold_list)
+
+    lock = commands.add_parser("lock", help="the one-run-at-a-time lock").add_subparsers(dest="lock_command", required=True)
+    unlock = lock.add_parser("release", help="release the lock of a run that died without releasing it")
+    unlock.add_argument("run_id")
+    unlock.set_defaults(handler=cmd_lock_release)
 
     suppression = commands.add_parser("suppression", help="the marketing suppression list")
     suppression.add_argument("--email", required=True, help="is this address on the suppression list?")
@@ -335,6 +345,16 @@ def cmd_hold_list(args) -> int:
         table.add_row(str(h["hold_id"]), h["subject_hash"][:16] + "…", h["systems"] or "all", h["purposes"] or "all",
                       h["reason"], h["author"], str(h["placed_on"])[:19])
     out.print(table)
+    return EXIT_OK
+
+
+def cmd_lock_release(args) -> int:
+    from .audit import AuditStore
+    from .run_lock import RunLock
+
+    if not RunLock(AuditStore.open()).release(args.run_id):
+        raise UsageProblem(f"run {args.run_id} does not hold the lock; nothing to release")
+    out.print(f"Lock of run {args.run_id} released: the next run will finish what it left.")
     return EXIT_OK
 
 

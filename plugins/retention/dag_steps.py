@@ -34,6 +34,30 @@ def run_from_context(context) -> Run:
                force=bool(params.get("force")))
 
 
+def acquire_run_lock(context) -> bool:
+    """True once this run holds the enforcement lock (a dry run needs none: it changes nothing)."""
+    from .audit import AuditStore
+    from .run_lock import RunLock
+
+    run = run_from_context(context)
+    if run.dry_run:
+        return True
+    lock = RunLock(AuditStore.open(use_airflow=True))
+    if lock.acquire(run.run_id):
+        return True
+    log.info("waiting: run %s holds the enforcement lock", lock.holder()[0])
+    return False
+
+
+def release_run_lock(context) -> None:
+    from .audit import AuditStore
+    from .run_lock import RunLock
+
+    run = run_from_context(context)
+    if not run.dry_run:
+        RunLock(AuditStore.open(use_airflow=True)).release(run.run_id)
+
+
 def check_rules(context) -> dict:
     """Validate the rules and the live databases before anything is read for decisions."""
     from airflow.sdk.exceptions import AirflowFailException

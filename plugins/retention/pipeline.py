@@ -30,6 +30,7 @@ from .decide import ACTIONS, CHANGING, EventValue, Facts, decide, reapply_after_
 from .chain import write_published_head
 from .extract import DEFAULT_BATCH, batches
 from .rules import Rules, SystemSpec, TableSpec
+from .run_lock import RunLock
 from .sources import Sources
 
 log = logging.getLogger("retention")
@@ -327,6 +328,9 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
     """A whole run in one process (the CLI): every decision first, then every change."""
     sources = Sources(rules, use_airflow)
     key = audit_mod.audit_key(use_airflow)
+    lock = None if run.dry_run else RunLock(audit_mod.AuditStore.open(use_airflow))
+    if lock is not None:
+        lock.acquire_or_fail(run.run_id)
     try:
         write_holds(run, holds_mod.all_holds(rules, sources, key, use_airflow))
         held = read_holds(run)
@@ -342,6 +346,8 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
         return finish(rules, run, use_airflow)
     finally:
         sources.dispose()
+        if lock is not None:
+            lock.release(run.run_id)
 
 
 def write_summary(run: Run, summary: dict) -> Path:

@@ -1,0 +1,161 @@
+"""A real backfill through Airflow's scheduler: `airflow backfill create` over three dates, each run
+acting as of its own date, never overlapping; the same range again changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.postgres import _free_port
+from tests.test_dags import DAGS
+
+pytestmark = pytest.mark.airflow
+DATES = ("2025-06-01", "2025-06-02", "2025-06-03")
+
+
+@pytest.fixture
+def airflow_services(tmp_path, retention_home):
+    """Scheduler, DAG processor and API server (the tasks' execution API), as in production, on
+    an embedded SQLite metadata database and the LocalExecutor."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        # Only the backfill's runs: the test must not also get tonight's scheduled run.
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "RETENTION_HOME": str(retention_home),
+    }
+    airflow = str(Path(sys.executable).parent / "airflow")
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = [subprocess.Popen([airflow, *cmd], env=env, stdout=open(logs / f"{cmd[0]}.log", "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+                 for cmd in (["api-server", "--port", str(port)], ["scheduler"], ["dag-processor"])]
+    try:
+        _wait(lambda: _cli(airflow, env, "dags", "list").stdout.count("retention_nightly"), 120, logs)
+        _cli(airflow, env, "dags", "unpause", "retention_nightly")
+        yield airflow, env, tmp_path / "airflow" / "airflow.db", logs
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _cli(airflow, env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _wait(condition, seconds: float, logs: Path):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    tails = {p.name: p.read_text()[-2000:] for p in logs.glob("*.log")}
+    raise AssertionError(f"timed out after {seconds}s; service logs: {tails}")
+
+
+def _runs(metadata_db: Path) -> dict:
+    with sqlite3.connect(metadata_db) as conn:
+        return {run_id: state for run_id, state in conn.execute(
+            "SELECT run_id, state FROM dag_run WHERE dag_id = 'retention_nightly'")}
+
+
+def _backfills_completed(metadata_db: Path) -> bool:
+    with sqlite3.connect(metadata_db) as conn:
+        return conn.execute("SELECT count(*) FROM backfill WHERE completed_at IS NULL").fetchone()[0] == 0
+
+
+def _enforcing_windows(metadata_db: Path) -> list[tuple]:
+    """Per run: from the lock's acquisition to its release, as Airflow recorded the two tasks."""
+    with sqlite3.connect(metadata_db) as conn:
+        rows = conn.execute("SELECT run_id, task_id, end_date FROM task_instance "
+                            "WHERE dag_id = 'retention_nightly' AND task_id IN ('acquire_run_lock', 'release_run_lock')").fetchall()
+    windows: dict = {}
+    for run_id, task_id, end in rows:
+        windows.setdefault(run_id, {})[task_id] = end
+    return sorted((w["acquire_run_lock"], w["release_run_lock"], run_id) for run_id, w in windows.items())
+
+
+def _audit_entries(home: Path) -> list:
+    with sqlite3.connect(home / "audit.sqlite") as conn:
+        return conn.execute("SELECT entry_id, run_id, as_of, action FROM retention_audit").fetchall()
+
+
+def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_services, retention_home):
+    airflow, env, metadata_db, logs = airflow_services
+    seeded = subprocess.run([sys.executable, "-m", "retention.cli", "demo", "seed", "--size", "60", "--seed", "2"],
+                            env=env, capture_output=True, text=True)
+    assert seeded.returncode == 0, seeded.stderr
+
+    def backfill(*extra):
+        result = _cli(airflow, env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date", DATES[0],
+                      "--to-date", DATES[-1], "--max-active-runs", "1", "--dag-run-conf", json.dumps({"force": True}),
+                      *extra)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    backfill()
+    runs = _wait(lambda: (r := _runs(metadata_db)) and len(r) == 3
+                 and all(s in ("success", "failed") for s in r.values()) and r, 600, logs)
+    assert set(runs.values()) == {"success"}, runs
+    windows = _enforcing_windows(metadata_db)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(windows, windows[1:])), f"runs overlapped: {windows}"
+
+    summaries = {json.loads(p.read_text())["run_id"]: json.loads(p.read_text())
+                 for p in retention_home.glob("runs/backfill__*/summary.json")}
+    assert sorted(s["as_of"] for s in summaries.values()) == list(DATES)
+    assert all(s["kind"] == "backfill" and s["mode"] == "enforce" for s in summaries.values())
+    first = min(summaries.values(), key=lambda s: s["as_of"])
+    assert sum(sum(a.values()) for a in first["applied"].values()) > 0  # the backlog, as of June 1st
+    entries = _audit_entries(retention_home)
+    assert {as_of for _, _, as_of, _ in entries} <= set(DATES)
+    state = _sources(retention_home)
+
+    _wait(lambda: _backfills_completed(metadata_db), 120, logs)  # one backfill per DAG at a time
+    backfill("--reprocess-behavior", "completed")
+    _wait(lambda: (r := _runs(metadata_db)) and all(s in ("success", "failed") for s in r.values())
+          and len(list(retention_home.glob("runs/backfill__*/summary.json"))) == 3 and _rerun_done(retention_home, r),
+          600, logs)
+    assert set(_runs(metadata_db).values()) == {"success"}
+    assert _audit_entries(retention_home) == entries  # no new audit entry
+    assert _sources(retention_home) == state  # no source changed
+
+
+def _rerun_done(home: Path, runs: dict) -> bool:
+    """The reprocessed runs have finished: each run's registry entry now says it changed nothing."""
+    with sqlite3.connect(home / "audit.sqlite") as conn:
+        summaries = [json.loads(summary) for (summary,) in conn.execute("SELECT summary FROM retention_runs")]
+    return (len(summaries) == 3 and all(state == "success" for state in runs.values())
+            and all(not any(a.values()) for s in summaries for a in s["applied"].values()))
+
+
+def _sources(home: Path) -> dict:
+    dumps = {}
+    for path in sorted(home.glob("*.sqlite")):
+        if path.name != "audit.sqlite":
+            with sqlite3.connect(path) as conn:
+                dumps[path.name] = list(conn.iterdump())
+    return dumps
