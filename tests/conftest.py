@@ -21,6 +21,7 @@ _counter = itertools.count()
 @pytest.fixture(scope="session")
 def postgres():
     server = PostgresServer().start()
+    server.create_role("legal_archive_reader")  # the data map's archive_reader_role, as an admin would
     yield server
     server.stop()
 

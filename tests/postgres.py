@@ -67,6 +67,13 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def create_role(self, name: str, login: bool = False) -> None:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{name}"' + (" LOGIN" if login else ""))
+
     def stop(self) -> None:
         try:
             self._run(_bin("pg_ctl"), "-D", self.data, "-m", "immediate", "stop")

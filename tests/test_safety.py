@@ -10,6 +10,8 @@ import subprocess
 import sys
 from datetime import datetime
 
+import pytest
+
 from retention.audit import AuditStore, all_keys
 from retention.chain import read_published_heads
 from retention.demo.seed import seed
@@ -143,3 +145,41 @@ def test_dry_run_leaves_everything_byte_for_byte(backend):
     assert summary["mode"] == "dry_run" and summary["actions"]["delete"] > 0
     assert summary["guard"]["violations"]  # reported, not enforced: a dry run stops nothing
     assert backend.snapshot() == before
+
+
+def test_archived_data_is_readable_only_by_the_archive_role(backend, request):
+    """GDPR 18: on PostgreSQL the archive of held data is closed to every role but the reader's,
+    even one that default privileges let read every new table."""
+    if backend.kind == "sqlite":  # SQLite has no roles; there the archive is a separate table only
+        _customer_past_every_expiry(backend)
+        assert cli("hold", "add", "--subject", "P1", "--reason", "r", "--author", "a").returncode == 0
+        run_retention("2024-01-10")
+        assert backend.rows("crm", "retention_archive__contacts") and not backend.rows("crm", "contacts")
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    postgres = request.getfixturevalue("postgres")
+    app_role = f"crm_app_{backend.urls['crm'].rsplit('_', 1)[-1]}"
+    postgres.create_role(app_role, login=True)
+    with backend.engines["crm"].begin() as conn:
+        conn.execute(text(f"ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {app_role}"))
+        conn.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {app_role}"))
+    _customer_past_every_expiry(backend)
+    assert cli("hold", "add", "--subject", "P1", "--reason", "r", "--author", "a").returncode == 0
+    run_retention("2024-01-10")
+    database = backend.engines["crm"].url.database
+    app = create_engine(f"postgresql+psycopg://{app_role}@127.0.0.1:{postgres.port}/{database}")
+    reader = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{postgres.port}/{database}")
+    try:
+        with app.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM companies")).scalar() == 0  # live: readable (now archived)
+        with pytest.raises(DBAPIError, match="permission denied"):
+            with app.connect() as conn:
+                conn.execute(text("SELECT * FROM retention_archive__contacts"))
+        with reader.begin() as conn:
+            conn.execute(text("SET ROLE legal_archive_reader"))
+            assert conn.execute(text("SELECT count(*) FROM retention_archive__contacts")).scalar() == 1
+    finally:
+        app.dispose()
+        reader.dispose()

@@ -3,7 +3,7 @@ dates, strippable fields accept NULL. Runs before any change, so a typo never re
 
 from __future__ import annotations
 
-from sqlalchemy import Date, DateTime
+from sqlalchemy import Date, DateTime, text
 
 from .rules import Problem, Rules, TableSpec, used_events
 from .sources import Sources
@@ -13,7 +13,15 @@ def check_live(rules: Rules, sources: Sources, systems: list[str] | None = None)
     problems: list[Problem] = []
     for name in systems or sorted(rules.systems):
         spec = rules.system(name)
-        sources.engine(name)  # an unreachable database raises ConnectionProblem: not a rules problem
+        engine = sources.engine(name)  # an unreachable database raises ConnectionProblem: not a rules problem
+        if spec.archive_reader_role and engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                found = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"),
+                                     {"r": spec.archive_reader_role}).first()
+            if found is None:
+                problems.append(Problem(spec.file, 0, f"archive_reader_role {spec.archive_reader_role!r} does not "
+                                        f"exist on the {name} database server",
+                                        f"create it (CREATE ROLE {spec.archive_reader_role}) or remove the setting"))
         for table in spec.tables.values():
             _check_table(rules, sources, table, problems)
         for hold in spec.holds:

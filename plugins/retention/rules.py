@@ -121,6 +121,7 @@ class SystemSpec:
     tables: dict  # name -> TableSpec
     holds: tuple
     file: str = ""
+    archive_reader_role: str | None = None  # PostgreSQL role allowed to read held (archived) data
 
 
 @dataclass(frozen=True)
@@ -410,7 +411,8 @@ def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None
 def _system(raw: dict, path: Path, rules: dict, problems: list[Problem]) -> SystemSpec | None:
     file = str(path)
     check = _Checker(file, problems)
-    if not check.keys(raw, path.name, ("system", "tables"), ("label", "connection", "events", "holds")):
+    if not check.keys(raw, path.name, ("system", "tables"),
+                      ("label", "connection", "events", "holds", "archive_reader_role")):
         return None
     name = raw["system"]
     if not check.name(name, raw.line_of("system"), "system"):
@@ -442,7 +444,8 @@ def _system(raw: dict, path: Path, rules: dict, problems: list[Problem]) -> Syst
             check.problem(spec.line_of("table"), f"hold on unknown table {spec['table']!r}",
                           "declare the table under `tables:` or correct its name")
     connection = str(raw.get("connection") or f"retention_{name}")
-    return SystemSpec(name, str(raw.get("label", name)), connection, tables, tuple(holds), file)
+    return SystemSpec(name, str(raw.get("label", name)), connection, tables, tuple(holds), file,
+                      raw.get("archive_reader_role"))
 
 
 def _empty_mapping() -> yaml_lines.LineDict:

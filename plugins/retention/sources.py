@@ -3,7 +3,7 @@ and the engine's own side tables there (the audit outbox and the intermediate ar
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, DateTime, Engine, Integer, MetaData, String, Table, Text, inspect
+from sqlalchemy import Column, Date, DateTime, Engine, Integer, MetaData, String, Table, Text, inspect, text
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 
 from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
@@ -93,8 +93,27 @@ class Sources:
             metadata = MetaData()
             columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=True) for c in source.columns]
             Table(archive_name, metadata, *columns, Column(ARCHIVED_ON, Date, nullable=False))
-            metadata.create_all(self.engine(system))
+            engine = self.engine(system)
+            metadata.create_all(engine)
+            if engine.dialect.name == "postgresql":
+                self._restrict(engine, archive_name, self.rules.system(system).archive_reader_role)
         return self.table(system, archive_name)
+
+    @staticmethod
+    def _restrict(engine: Engine, table: str, reader_role: str | None) -> None:
+        """GDPR 18: held data is readable only by specifically authorised people. Whatever default
+        privileges gave other roles on a new table is taken back; only the reader role may read."""
+        quote = engine.dialect.identifier_preparer.quote
+        with engine.begin() as conn:
+            grantees = conn.execute(text(
+                "SELECT DISTINCT grantee FROM information_schema.role_table_grants "
+                "WHERE table_name = :t AND grantee <> current_user"), {"t": table}).scalars().all()
+            conn.execute(text(f"REVOKE ALL ON {quote(table)} FROM PUBLIC"))
+            for grantee in grantees:
+                if grantee != "PUBLIC":
+                    conn.execute(text(f"REVOKE ALL ON {quote(table)} FROM {quote(grantee)}"))
+            if reader_role:
+                conn.execute(text(f"GRANT SELECT ON {quote(table)} TO {quote(reader_role)}"))
 
     def outbox(self, system: str) -> Table:
         if not self.has_table(system, OUTBOX_TABLE):
