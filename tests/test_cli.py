@@ -110,7 +110,8 @@ def test_no_personal_value_in_any_output(seeded, retention_home):
                cli("run", "--as-of", AS_OF, "--json")]
     assert all(o.returncode == 0 for o in outputs), [o.stderr for o in outputs]
     written = [o.stdout + o.stderr for o in outputs]
-    written += [p.read_text() for p in retention_home.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
+    written += [p.read_text() for p in retention_home.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".html")]
+    assert list(retention_home.rglob("report.html"))  # the DPO report is among what was scanned
     written += [json.dumps(r, default=str) for r in seeded.rows("audit", "retention_audit")]
     written += [json.dumps(r, default=str) for r in seeded.rows("audit", "retention_runs")]
     text = "\n".join(written)

@@ -113,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     release.set_defaults(handler=cmd_hold_release)
     hold.add_parser("list", help="the active holds").set_defaults(handler=cmd_hold_list)
 
+    report = commands.add_parser("report", help="write a run's DPO report (HTML + JSON)")
+    report.add_argument("--run", help="run id (default: the latest enforced run)")
+    report.add_argument("--out", help="directory to write to (default: the run's own directory)")
+    report.set_defaults(handler=cmd_report)
+
     lock = commands.add_parser("lock", help="the one-run-at-a-time lock").add_subparsers(dest="lock_command", required=True)
     unlock = lock.add_parser("release", help="release the lock of a run that died without releasing it")
     unlock.add_argument("run_id")
@@ -348,6 +353,38 @@ def cmd_hold_list(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    from . import report
+    from .audit import AuditStore, all_keys
+    from .connections import retention_home
+    from .pipeline import safe_name
+
+    rules = load_rules(args.rules)
+    store = AuditStore.open(create=False)
+    summary = None
+    if store.exists:
+        query = select(store.runs.c.summary).order_by(store.runs.c.finished_at.desc()).limit(1)
+        if args.run:
+            query = select(store.runs.c.summary).where(store.runs.c.run_id == args.run)
+        with store.engine.connect() as conn:
+            raw = conn.scalar(query)
+        summary = json.loads(raw) if raw else None
+    if summary is None and args.run:  # a dry run is not in the registry: its summary file is
+        path = retention_home() / "runs" / safe_name(args.run) / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else None
+    if summary is None:
+        raise UsageProblem(f"no run {args.run!r} recorded" if args.run else "no enforced run recorded yet")
+    target = Path(args.out) if args.out else retention_home() / "runs" / safe_name(summary["run_id"])
+    paths = report.write(rules, summary, store, retention_home() / "runs", all_keys(), target)
+    out.print(f"Report of run {summary['run_id']} (as of {summary['as_of']}): {paths['html']} and {paths['json']}",
+              markup=False)
+    return EXIT_OK
+
+
 def cmd_lock_release(args) -> int:
     from .audit import AuditStore
     from .run_lock import RunLock
@@ -455,6 +492,8 @@ def print_summary(summary: dict) -> None:
         out.print(f"Audit store: {summary['audit_entries_total']} entries in total; chain head seq {head['seq']} "
                   f"({head['entry_hash'][:16]}…), published beside the run summary.")
     out.print(f"Run summary written to {summary['summary_file']}")
+    if summary.get("report"):
+        out.print(f"DPO report: {summary['report']['html']} (and {summary['report']['json']})")
 
 
 if __name__ == "__main__":

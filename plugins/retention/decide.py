@@ -54,6 +54,7 @@ class Decision:
     would: str | None = None  # what rules in `report_only` mode would have done instead
     report_only_rules: tuple = ()
     suppress: str | None = None  # rule whose early end (an objection) puts identifiers on the suppression list
+    upcoming: tuple = ()  # ((rule, last day kept), ...) of the rules still running, for forecasts
 
 
 def latest_of(values) -> EventValue:
@@ -100,17 +101,18 @@ def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
     """One decision for one row; `hold_reason` says why the row's subject is under a legal hold.
     Rules in `report_only` mode never release anything: what they would do is reported instead."""
     statuses = [(b, rule_status(b, facts, as_of, settings)) for b in table.retention]
+    upcoming = tuple((s.rule, s.keep_until) for _, s in statuses if s.alive and s.keep_until is not None)
     pending = [b.rule.name for b, s in statuses if not s.alive and b.rule.mode == "report_only"]
     if not pending:
-        return _decide(table, facts, statuses, hold_reason)
+        return replace(_decide(table, facts, statuses, hold_reason), upcoming=upcoming)
     would = _decide(table, facts, statuses, hold_reason)
     enforced = [(b, s if s.rule not in pending else
                  replace(s, alive=True, keep_until=None, reason=f"{s.reason} (report only: not enforced)"))
                 for b, s in statuses]
     decision = _decide(table, facts, enforced, hold_reason)
     if (would.action, would.fields) == (decision.action, decision.fields):
-        return decision
-    return replace(decision, would=would.action, report_only_rules=tuple(pending))
+        return replace(decision, upcoming=upcoming)
+    return replace(decision, would=would.action, report_only_rules=tuple(pending), upcoming=upcoming)
 
 
 def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | None) -> Decision:

@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy.schema import sort_tables
 
 from . import audit as audit_mod
-from . import guard
+from . import guard, report
 from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
@@ -35,6 +35,7 @@ from .sources import Sources
 
 log = logging.getLogger("retention")
 SAMPLES = 3
+FORECAST_HORIZONS = (30, 90, 365)
 Progress = Callable[[str, str, int], None]  # (system, table, rows done in this step)
 
 
@@ -128,6 +129,7 @@ class Tally:
     samples: dict = field(default_factory=dict)
     replayed: Counter = field(default_factory=Counter)  # per system: re-applied after a restore
     report_only: Counter = field(default_factory=Counter)  # (system, table, rule, would-be action)
+    forecast: Counter = field(default_factory=Counter)  # (purpose, horizon in days): records whose period ends
 
     def add(self, system: str, table: str, rules: tuple, action: str, reason: str, replayed: bool = False) -> None:
         self.records[(system, table, action)] += 1
@@ -144,10 +146,23 @@ class Tally:
         self.records.update(other.records)
         self.replayed.update(other.replayed)
         self.report_only.update(other.report_only)
+        self.forecast.update(other.forecast)
         self.by_rule.update(other.by_rule)
         for key, reasons in other.samples.items():
             bucket = self.samples.setdefault(key, [])
             bucket += [r for r in reasons if r not in bucket][: SAMPLES - len(bucket)]
+
+    def add_forecast(self, rules: Rules, as_of: date, upcoming: tuple) -> None:
+        """Count the record once per purpose whose period ends within each horizon."""
+        ends: dict = {}
+        for rule, last_day in upcoming:
+            for purpose in rules.rules[rule].purposes:
+                ends[purpose] = min(ends.get(purpose, last_day), last_day)
+        for purpose, last_day in ends.items():
+            days = (last_day - as_of).days + 1  # acted on the day after the last day kept
+            for horizon in FORECAST_HORIZONS:
+                if days <= horizon:
+                    self.forecast[(purpose, horizon)] += 1
 
     def actions(self, system: str | None = None) -> dict:
         totals = Counter()
@@ -166,6 +181,7 @@ class Tally:
             "replayed": dict(self.replayed),
             "report_only": [{"system": s, "table": t, "rule": r, "action": a, "count": n}
                             for (s, t, r, a), n in sorted(self.report_only.items())],
+            "forecast": [{"purpose": p, "days": d, "count": n} for (p, d), n in sorted(self.forecast.items())],
         }
 
     @classmethod
@@ -180,6 +196,8 @@ class Tally:
         tally.replayed.update(data.get("replayed", {}))
         for row in data.get("report_only", []):
             tally.report_only[(row["system"], row["table"], row["rule"], row["action"])] = row["count"]
+        for row in data.get("forecast", []):
+            tally.forecast[(row["purpose"], row["days"])] = row["count"]
         return tally
 
 
@@ -202,6 +220,7 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                 tally.add(system, table.name, decision.rules, decision.action, decision.reason, decision.replayed)
                 for rule in decision.report_only_rules:
                     tally.report_only[(system, table.name, rule, decision.would)] += 1
+                tally.add_forecast(rules, run.as_of, decision.upcoming)
                 if decision.action in CHANGING:
                     out.write(json.dumps({"t": table.name, "k": list(facts.key), "s": facts.subject,
                                           "a": facts.archived, "action": decision.action,
@@ -292,6 +311,7 @@ def summarize(rules: Rules, run: Run, tally: Tally, applied: dict | None, held_c
         "details": tally.to_json(), "held_subjects": held_count,
         "reapplied_after_restore": sum(tally.replayed.values()),
         "report_only": tally.to_json()["report_only"], "force": run.force,
+        "forecast": tally.to_json()["forecast"],
         "dpo_settings": [{"rule": r.name, "duration": str(r.duration), "decision": r.decision}
                          for r in rules.rules.values() if r.set_by_dpo],
     }
@@ -311,14 +331,16 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
     summary = summarize(rules, run, tally, applied, len(read_holds(run)))
     summary["guard"] = _read_json(run.directory / "guard.json")
     summary["summary_file"] = str(run.directory / "summary.json")
+    store = audit_mod.AuditStore.open(use_airflow, create=not run.dry_run)
     if not run.dry_run:
-        store = audit_mod.AuditStore.open(use_airflow)
         summary["audit_entries_total"] = store.count()
         # The chain head, published outside the audit database: a rewritten chain will not match it.
         seq, entry_hash = store.chain_head()
         summary["audit_chain_head"] = write_published_head(run.directory / "chain_head.json", run.run_id, seq, entry_hash)
         log.info("audit chain head after run %s: seq %d, hash %s", run.run_id, seq, entry_hash)
         store.record_run(run.run_id, run.as_of, run.mode, run.systems, summary)
+    summary["report"] = report.write(rules, summary, store, retention_home() / "runs",
+                                     audit_mod.all_keys(use_airflow), run.directory)
     write_summary(run, summary)
     cleanup_staging(run)
     return summary

@@ -69,7 +69,8 @@ def main() -> int:
 
     _step("What the run did")
     print_summary(summary)
-    print(f"\nDPO run summary (JSON): {summaries[-1]}")
+    print(f"\nDPO report: {summary['report']['html']}")
+    print(f"Run summary (JSON): {summaries[-1]}")
     print(f"Audit store: {home / 'audit.sqlite'} (table retention_audit)")
     print("Run it again with `make demo`; browse it in Airflow with `make airflow` (see README).")
     return 0

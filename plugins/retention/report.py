@@ -1,0 +1,233 @@
+"""The DPO's run report: one JSON document for machines and one self-contained HTML page (inline
+SVG charts, no external asset) written beside the run summary. Built only from the run summary,
+the rules, the run registry and the audit chain: none of them holds a personal value."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .chain import read_published_heads
+from .decide import ACTIONS
+from .rules import Rules
+
+TREND_RUNS = 14
+COLOURS = {"delete": "#c0392b", "strip": "#e67e22", "archive": "#8e44ad", "anonymise_pending": "#2980b9",
+           "keep": "#95a5a6", "report_only": "#16a085"}
+
+
+def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) -> dict:
+    """Everything the report shows, as plain data."""
+    verification = store.verify(read_published_heads([runs_directory]), keys) if store.exists else None
+    return {
+        "run": {k: summary.get(k) for k in ("run_id", "as_of", "mode", "kind", "systems", "force")},
+        "actions": summary["actions"],
+        "by_system": summary["by_system"],
+        "applied": summary.get("applied"),
+        "by_rule": summary["details"]["by_rule"],
+        "held_subjects": summary.get("held_subjects", 0),
+        "held_records": {s: c.get("archive", 0) for s, c in summary["by_system"].items()},
+        "guard": summary.get("guard", {}),
+        "report_only": summary.get("report_only", []),
+        "reapplied_after_restore": summary.get("reapplied_after_restore", 0),
+        "pending": {"anonymise_pending": summary["actions"].get("anonymise_pending", 0)},
+        "anonymisation": None,  # no anonymisation step exists yet: said so, not hidden
+        "forecast": summary.get("forecast", []),
+        "trend": _trend(store),
+        "audit": {
+            "entries_total": summary.get("audit_entries_total"),
+            "chain_head": summary.get("audit_chain_head"),
+            "verified": None if verification is None else verification.ok,
+            "problems": [] if verification is None else verification.problems,
+        },
+        "rules_in_force": _rules_in_force(rules),
+        "dpo_settings": summary.get("dpo_settings", []),
+    }
+
+
+def _trend(store) -> list:
+    if not store.exists:
+        return []
+    from sqlalchemy import select
+
+    runs = store.runs
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(runs.c.run_id, runs.c.as_of, runs.c.summary)
+                            .order_by(runs.c.finished_at.desc()).limit(TREND_RUNS)).all()
+    trend = []
+    for run_id, as_of, raw in reversed(rows):
+        applied = json.loads(raw).get("applied") or {}
+        totals = {a: sum(s.get(a, 0) for s in applied.values()) for a in ("delete", "strip", "archive")}
+        trend.append({"run_id": run_id, "as_of": as_of, **totals})
+    return trend
+
+
+def _rules_in_force(rules: Rules) -> list:
+    """A record of processing in the spirit of GDPR article 30, generated from the rules."""
+    rows = []
+    for rule in rules.rules.values():
+        tables = [f"{s.name}.{t.name}" for s in rules.systems.values() for t in s.tables.values()
+                  if any(b.rule.name == rule.name for b in t.retention)]
+        rows.append({
+            "rule": rule.name, "label": rule.label,
+            "purposes": [{"purpose": rules.purposes[p].label, "legal_basis": rules.purposes[p].legal_basis}
+                         for p in rule.purposes],
+            "clock": rule.clock + (" (fiscal-year close)" if rule.counted_from == "fiscal_year_close" else ""),
+            "duration": str(rule.duration), "set_by_dpo": rule.set_by_dpo, "decision": rule.decision,
+            "then": rule.then, "mode": rule.mode, "tables": tables,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def bar_chart(title: str, categories: list[str], series: dict[str, list[int]], width: int = 640) -> str:
+    """Stacked horizontal bars, one per category; series named by action (colour) or free label."""
+    row, label_w, top = 26, 170, 28
+    totals = [sum(values[i] for values in series.values()) for i in range(len(categories))]
+    scale = (width - label_w - 70) / max(max(totals, default=0), 1)
+    height = top + row * len(categories) + 30
+    parts = [f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="12">',
+             f'<text x="0" y="16" font-weight="bold">{_e(title)}</text>']
+    palette = list(COLOURS.values()) + ["#27ae60", "#d35400", "#7f8c8d"]
+    for i, category in enumerate(categories):
+        y = top + i * row
+        parts.append(f'<text x="0" y="{y + 15}">{_e(category)}</text>')
+        x = label_w
+        for j, (name, values) in enumerate(series.items()):
+            w = values[i] * scale
+            if w > 0:
+                colour = COLOURS.get(name, palette[j % len(palette)])
+                parts.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row - 8}" fill="{colour}">'
+                             f'<title>{_e(name)}: {values[i]}</title></rect>')
+                x += w
+        parts.append(f'<text x="{x + 6:.1f}" y="{y + 15}">{totals[i]}</text>')
+    legend_y, x = top + row * len(categories) + 18, 0
+    for j, name in enumerate(series):
+        colour = COLOURS.get(name, palette[j % len(palette)])
+        parts.append(f'<rect x="{x}" y="{legend_y - 10}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 14}" y="{legend_y}">{_e(name)}</text>')
+        x += 24 + 7 * len(name)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict) -> str:
+    run = report["run"]
+    mode = "DRY RUN: nothing was changed" if run["mode"] == "dry_run" else "Enforced"
+    actions = [a for a in ACTIONS if a in report["actions"]]
+    systems = sorted(report["by_system"])
+    sections = [
+        f"<h1>Retention run report <small>Rapport d'exécution</small></h1>",
+        _table(["run id", "as of / date d'effet", "mode", "started by", "systems", "forced past the guard"],
+               [[run["run_id"], run["as_of"], mode, run["kind"], ", ".join(run["systems"]),
+                 "yes" if report["guard"].get("forced") else "no"]]),
+        "<h2>At a glance / En bref</h2>",
+        _table(actions, [[report["actions"][a] for a in actions]]),
+        bar_chart("Records per system and action",
+                  systems, {a: [report["by_system"][s].get(a, 0) for s in systems] for a in actions if a != "keep"}),
+        "<h2>Per table and rule</h2>",
+        _table(["system", "table", "rule", "action", "records", "sample reason"],
+               [[r["system"], r["table"], r["rule"], r["action"], r["count"], (r["samples"] or [""])[0]]
+                for r in report["by_rule"] if r["action"] != "keep"]),
+        "<h2>Upcoming expiries / Échéances à venir</h2>",
+        _forecast(report["forecast"]),
+        "<h2>Trend over the last runs</h2>",
+        _trend_html(report["trend"]),
+        "<h2>Legal holds / Gels juridiques</h2>",
+        f"<p>{report['held_subjects']} subject(s) under a legal hold. Records of held subjects past every "
+        "expiry are kept in the intermediate archive instead of being deleted: "
+        + ", ".join(f"{s}: {n} archived in this run" for s, n in sorted(report["held_records"].items())) + ".</p>",
+        "<h2>Pending or blocked</h2>",
+        _pending(report),
+        "<h2>Anonymisation evidence</h2>",
+        "<p class='missing'>Anonymisation is not implemented yet: records due for it are counted as "
+        f"<b>anonymise_pending</b> ({report['pending']['anonymise_pending']}) and left untouched. "
+        "No k-anonymity or l-diversity evidence exists to show.</p>",
+        "<h2>Audit trail / Piste d'audit</h2>",
+        _audit(report["audit"]),
+        "<h2>Rules in force (record of processing, GDPR art. 30)</h2>",
+        _table(["rule", "purposes and legal basis", "clock starts at", "kept", "then", "mode", "data"],
+               [[r["label"], "; ".join(f"{p['purpose']} ({p['legal_basis']})" for p in r["purposes"]),
+                 r["clock"], r["duration"] + (" — set by DPO decision: " + r["decision"] if r["set_by_dpo"] else ""),
+                 r["then"], r["mode"], ", ".join(r["tables"])] for r in report["rules_in_force"]]),
+        "<h2>Errors and retries</h2>",
+        "<p>The run finished: every step succeeded (a step that fails stops the run before its changes, "
+        "and its task log in Airflow says why).</p>",
+    ]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             "th{background:#f3f3f3}small{color:#777;font-weight:normal}.missing{color:#a15c00}"
+             ".bad{color:#c0392b;font-weight:bold}.good{color:#1e7e34;font-weight:bold}"
+             "@media print{body{margin:0}h2{page-break-after:avoid}}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Retention run {_e(run['run_id'])}"
+            f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def _forecast(rows: list) -> str:
+    if not rows:
+        return "<p>No period ends within the next 365 days.</p>"
+    purposes = sorted({r["purpose"] for r in rows})
+    by = {(r["purpose"], r["days"]): r["count"] for r in rows}
+    horizons = sorted({r["days"] for r in rows})
+    chart = bar_chart("Records whose period ends within… (per purpose)", purposes,
+                      {f"{h} days": [by.get((p, h), 0) - by.get((p, prev), 0) for p in purposes]
+                       for prev, h in zip([0] + horizons, horizons)})
+    table = _table(["purpose"] + [f"within {h} days" for h in horizons],
+                   [[p] + [by.get((p, h), 0) for h in horizons] for p in purposes])
+    return chart + table
+
+
+def _trend_html(trend: list) -> str:
+    if not trend:
+        return "<p>No enforced run recorded yet.</p>"
+    labels = [f"{t['as_of']} {t['run_id'][:24]}" for t in trend]
+    return bar_chart("Changes applied per run (oldest first)", labels,
+                     {a: [t[a] for t in trend] for a in ("delete", "strip", "archive")}, width=760)
+
+
+def _pending(report: dict) -> str:
+    lines = [f"{report['pending']['anonymise_pending']} record(s) due for anonymisation, left untouched."]
+    for message in report["guard"].get("violations", []):
+        verb = "Forced past the blast-radius guard" if report["guard"].get("forced") else "Blast-radius guard"
+        lines.append(f"{verb}: {message}")
+    for row in report["report_only"]:
+        lines.append(f"Report only: {row['count']} record(s) of {row['system']}.{row['table']} would be "
+                     f"{row['action']} under rule {row['rule']}.")
+    if report["reapplied_after_restore"]:
+        lines.append(f"{report['reapplied_after_restore']} removal(s) re-applied after a backup restore.")
+    return "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>"
+
+
+def _audit(audit: dict) -> str:
+    if audit["verified"] is None:
+        return "<p>No audit store yet (a dry run writes none).</p>"
+    head = audit["chain_head"] or {}
+    status = ("<span class='good'>verified</span>" if audit["verified"]
+              else "<span class='bad'>FAILED verification</span>: " + _e("; ".join(audit["problems"])))
+    return (f"<p>Chain {status}. {_e(audit['entries_total'])} entries; head after this run: seq "
+            f"{_e(head.get('seq', '-'))}, hash <code>{_e(head.get('entry_hash', '-'))}</code> (published in "
+            "chain_head.json beside this report and in the task log).</p>")
+
+
+def write(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict, out: Path) -> dict:
+    """Write report.json and report.html into `out`; returns their paths."""
+    report = build(rules, summary, store, runs_directory, keys)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    (out / "report.html").write_text(render_html(report), encoding="utf-8")
+    return {"json": str(out / "report.json"), "html": str(out / "report.html")}
