@@ -89,14 +89,15 @@ def _e(value) -> str:
 
 def bar_chart(title: str, categories: list[str], series: dict[str, list[int]], width: int = 640) -> str:
     """Stacked horizontal bars, one per category; series named by action (colour) or free label."""
-    row, label_w, top = 26, 170, 28
+    row, top = 26, 28
+    label_w = min(340, 7 * max((len(c) for c in categories), default=10) + 16)
     totals = [sum(values[i] for values in series.values()) for i in range(len(categories))]
     scale = (width - label_w - 70) / max(max(totals, default=0), 1)
     height = top + row * len(categories) + 30
     parts = [f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="12">',
              f'<text x="0" y="16" font-weight="bold">{_e(title)}</text>']
-    palette = list(COLOURS.values()) + ["#27ae60", "#d35400", "#7f8c8d"]
+    palette = ["#1f4e79", "#2e86c1", "#aed6f1", "#7f8c8d"]  # for series that are not actions
     for i, category in enumerate(categories):
         y = top + i * row
         parts.append(f'<text x="0" y="{y + 15}">{_e(category)}</text>')
@@ -195,7 +196,7 @@ def _forecast(rows: list) -> str:
 def _trend_html(trend: list) -> str:
     if not trend:
         return "<p>No enforced run recorded yet.</p>"
-    labels = [f"{t['as_of']} {t['run_id'][:24]}" for t in trend]
+    labels = [f"as of {t['as_of']} ({t['run_id'][:28]})" for t in trend]
     return bar_chart("Changes applied per run (oldest first)", labels,
                      {a: [t[a] for t in trend] for a in ("delete", "strip", "archive")}, width=760)
 
