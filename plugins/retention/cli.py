@@ -380,7 +380,8 @@ def cmd_report(args) -> int:
         raise UsageProblem(f"no run {args.run!r} recorded" if args.run else "no enforced run recorded yet")
     target = Path(args.out) if args.out else retention_home() / "runs" / safe_name(summary["run_id"])
     paths = report.write(rules, summary, store, retention_home() / "runs", all_keys(), target)
-    out.print(f"Report of run {summary['run_id']} (as of {summary['as_of']}): {paths['html']} and {paths['json']}",
+    pdf = paths.get("pdf") or f"no PDF: {paths.get('pdf_missing')}"
+    out.print(f"Report of run {summary['run_id']} (as of {summary['as_of']}): {paths['html']}, {pdf}, {paths['json']}",
               markup=False)
     return EXIT_OK
 
@@ -493,7 +494,9 @@ def print_summary(summary: dict) -> None:
                   f"({head['entry_hash'][:16]}…), published beside the run summary.")
     out.print(f"Run summary written to {summary['summary_file']}")
     if summary.get("report"):
-        out.print(f"DPO report: {summary['report']['html']} (and {summary['report']['json']})")
+        paths = summary["report"]
+        pdf = paths.get("pdf") or f"no PDF: {paths.get('pdf_missing')}"
+        out.print(f"DPO report: {paths['html']} ({pdf}; {paths['json']})", markup=False)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 from .chain import read_published_heads
 from .decide import ACTIONS
 from .rules import Rules
 
+log = logging.getLogger("retention")
 TREND_RUNS = 14
 COLOURS = {"delete": "#c0392b", "strip": "#e67e22", "archive": "#8e44ad", "anonymise_pending": "#2980b9",
            "keep": "#95a5a6", "report_only": "#16a085"}
@@ -225,10 +231,39 @@ def _audit(audit: dict) -> str:
             "chain_head.json beside this report and in the task log).</p>")
 
 
+def chromium() -> str | None:
+    """The headless browser that prints the PDF: $RETENTION_CHROMIUM, else Debian's chromium."""
+    return os.environ.get("RETENTION_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def print_pdf(html_path: Path, pdf_path: Path) -> str | None:
+    """The same page as a PDF, charts included (they are inline SVG). Returns why not, or None."""
+    browser = chromium()
+    if browser is None:
+        return "no Chromium found: install Debian's chromium package or set RETENTION_CHROMIUM"
+    with tempfile.TemporaryDirectory() as profile:
+        # --no-sandbox: Chromium refuses to run as root otherwise; the page is our own local file.
+        result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                 f"--user-data-dir={profile}", "--no-pdf-header-footer",
+                                 f"--print-to-pdf={pdf_path}", html_path.resolve().as_uri()],
+                                capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 or not pdf_path.exists():
+        return f"Chromium could not print the PDF (exit {result.returncode})"
+    return None
+
+
 def write(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict, out: Path) -> dict:
-    """Write report.json and report.html into `out`; returns their paths."""
+    """Write report.json, report.html and report.pdf into `out`; returns their paths."""
     report = build(rules, summary, store, runs_directory, keys)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
     (out / "report.html").write_text(render_html(report), encoding="utf-8")
-    return {"json": str(out / "report.json"), "html": str(out / "report.html")}
+    paths = {"json": str(out / "report.json"), "html": str(out / "report.html")}
+    problem = print_pdf(out / "report.html", out / "report.pdf")
+    if problem is None:
+        paths["pdf"] = str(out / "report.pdf")
+    else:
+        log.warning("report PDF not produced: %s", problem)
+        paths["pdf_missing"] = problem
+    return paths
