@@ -44,7 +44,7 @@ with DAG(
 
         return dag_steps.acquire_run_lock(get_current_context())
 
-    @task(trigger_rule="all_done")
+    @task
     def release_run_lock():
         from retention import dag_steps
 
@@ -86,14 +86,17 @@ with DAG(
 
         return dag_steps.apply(get_current_context(), system)
 
-    @task(trigger_rule="none_failed")
+    # Also after a failure: the report then says, in plain words, what did not happen, and the task
+    # fails so that the run does too (the lock's release is a teardown: it never decides the state).
+    @task(trigger_rule="all_done")
     def summary():
         from retention import dag_steps
 
         return dag_steps.finish(get_current_context())
 
     holds = legal_holds()
-    acquire_run_lock() >> check_rules() >> holds
+    lock = acquire_run_lock()
+    lock >> check_rules() >> holds
     decided, applied = [], []
     for name in SYSTEMS:
         with TaskGroup(group_id=name):
@@ -103,4 +106,4 @@ with DAG(
             decided.append(decision)
             applied.append(apply(name))
     guard = blast_radius_guard()
-    decided >> guard >> applied >> summary() >> release_run_lock()
+    decided >> guard >> applied >> summary() >> release_run_lock().as_teardown(setups=lock)

@@ -112,6 +112,10 @@ def test_no_personal_value_in_any_output(seeded, retention_home):
     written = [o.stdout + o.stderr for o in outputs]
     written += [p.read_text() for p in retention_home.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".html")]
     assert list(retention_home.rglob("report.html"))  # the DPO report is among what was scanned
+    pdfs = list(retention_home.rglob("report.pdf"))
+    assert pdfs, "no PDF report to scan: install chromium (.ci/run does)"
+    written += [subprocess.run(["pdftotext", str(p), "-"], capture_output=True, text=True, check=True).stdout
+                for p in pdfs]
     written += [json.dumps(r, default=str) for r in seeded.rows("audit", "retention_audit")]
     written += [json.dumps(r, default=str) for r in seeded.rows("audit", "retention_runs")]
     text = "\n".join(written)

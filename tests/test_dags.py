@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -122,3 +123,27 @@ def test_dag_run_gives_the_same_outcome_as_the_cli(airflow_home, tmp_path):
     assert dag_summary["actions"] == cli_summary["actions"]
     assert dag_summary["actions"]["delete"] > 0
     assert _outcome(via_dag) == _outcome(via_cli)
+
+
+def test_a_failed_run_still_reports_what_did_not_happen(airflow_home, tmp_path):
+    home = tmp_path / "home"
+    _seed(home)
+    result = python(f"""
+        import json, sys, pendulum
+        sys.path.insert(0, {str(DAGS)!r})
+        from retention_nightly import dag
+        for task in dag.tasks:
+            task.retries = 0
+        run = dag.test(logical_date=pendulum.datetime(2025, 6, 1, 2, tz="Europe/Paris"))  # no force
+        print(json.dumps({{"state": str(run.state)}}))
+    """, airflow_env(airflow_home, home))
+    assert json.loads(result.stdout.strip().splitlines()[-1])["state"].endswith("failed")
+    (summary_file,) = home.glob("runs/*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "failed" and summary["guard"]["violations"]
+    assert {s["task_id"]: s["state"] for s in summary["steps"]}["blast_radius_guard"] == "failed"
+    assert all(not any(a.values()) for a in summary.get("applied", {}).values())
+    html = Path(summary["report"]["html"]).read_text()
+    assert "The run did not finish" in html and "blast_radius_guard" in html and "FAILED" in html
+    with sqlite3.connect(home / "audit.sqlite") as conn:  # the lock was released for the next run
+        assert conn.execute("SELECT run_id FROM retention_run_lock").fetchone()[0] is None

@@ -292,9 +292,10 @@ class AuditStore:
         with self.engine.connect() as conn:
             return conn.scalar(query)
 
-    def record_run(self, run_id: str, as_of: date, mode: str, systems: list[str], summary: dict) -> None:
+    def record_run(self, run_id: str, as_of: date, mode: str, systems: list[str], summary: dict,
+                   status: str = "success") -> None:
         values = dict(as_of=as_of.isoformat(), mode=mode, systems=",".join(systems),
-                      finished_at=now(), status="success", summary=json.dumps(summary, sort_keys=True))
+                      finished_at=now(), status=status, summary=json.dumps(summary, sort_keys=True))
         with self.engine.begin() as conn:
             exists = conn.execute(select(self.runs.c.run_id).where(self.runs.c.run_id == run_id)).first()
             if exists:

@@ -182,8 +182,17 @@ def finish(context) -> dict:
     from .rules import load_rules
 
     run = run_from_context(context)
-    summary = finish_run(load_rules(), run, use_airflow=True)
-    log.info("run %s as of %s (%s): %s; summary at %s", run.run_id, run.as_of, run.mode,
-             summary["actions"], summary["summary_file"])
+    # What happened to every step of this run, as Airflow recorded it (failed, skipped, durations).
+    crumbs = context["ti"].get_task_breadcrumbs(context["dag_run"].dag_id, run.run_id)
+    steps = [{"task_id": c["task_id"], "state": str(c["state"]).split(".")[-1].lower(), "duration": c.get("duration")}
+             for c in crumbs if c["task_id"] not in ("summary", "release_run_lock")]
+    summary = finish_run(load_rules(), run, use_airflow=True, steps=steps)
+    log.info("run %s as of %s (%s): %s; summary at %s; report at %s", run.run_id, run.as_of, run.mode,
+             summary["actions"], summary["summary_file"], summary["report"]["html"])
+    if summary["status"] != "success":
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"the run did not finish ({'; '.join(summary['incomplete']) or 'a step failed'}); "
+                                   f"its report says what happened: {summary['report']['html']}")
     return {"as_of": summary["as_of"], "mode": summary["mode"], "actions": summary["actions"],
             "summary_file": summary["summary_file"]}

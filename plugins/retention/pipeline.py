@@ -320,16 +320,31 @@ def summarize(rules: Rules, run: Run, tally: Tally, applied: dict | None, held_c
     return summary
 
 
-def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
-    """Gather the steps' results into the run summary, record the run, clear the staging files."""
-    tally = Tally()
+def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None = None) -> dict:
+    """Gather the steps' results into the run summary, record the run, write its report, clear the
+    staging files. Also after a failed step: the report then says what did not happen.
+    `steps` are the orchestrator's task outcomes ({task_id, state, duration}), when there is one."""
+    tally, applied, missing = Tally(), ({} if not run.dry_run else None), []
     for system in run.systems:
-        tally.merge(read_tally(run, system))
-    applied = None
-    if not run.dry_run:
-        applied = {s: _read_json(_staging(run, s, "applied", ".json")) for s in run.systems}
-    summary = summarize(rules, run, tally, applied, len(read_holds(run)))
-    summary["guard"] = _read_json(run.directory / "guard.json")
+        tally_file = _staging(run, system, "tally", ".json")
+        if tally_file.exists():
+            tally.merge(read_tally(run, system))
+        else:
+            missing.append(f"{system}: not decided (its extract or decide step did not finish)")
+        applied_file = _staging(run, system, "applied", ".json")
+        if applied is not None:
+            if applied_file.exists():
+                applied[system] = _read_json(applied_file)
+            else:
+                missing.append(f"{system}: nothing applied (its apply step did not run or did not finish)")
+    holds_file = run.directory / "holds.json"
+    summary = summarize(rules, run, tally, applied, len(read_holds(run)) if holds_file.exists() else 0)
+    guard_file = run.directory / "guard.json"
+    summary["guard"] = _read_json(guard_file) if guard_file.exists() else {"violations": [], "forced": False}
+    failed = [s for s in steps or [] if s.get("state") in ("failed", "upstream_failed")]
+    summary["steps"] = steps or []
+    summary["status"] = "failed" if failed or missing else "success"
+    summary["incomplete"] = missing
     summary["summary_file"] = str(run.directory / "summary.json")
     store = audit_mod.AuditStore.open(use_airflow, create=not run.dry_run)
     if not run.dry_run:
@@ -338,7 +353,7 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False) -> dict:
         seq, entry_hash = store.chain_head()
         summary["audit_chain_head"] = write_published_head(run.directory / "chain_head.json", run.run_id, seq, entry_hash)
         log.info("audit chain head after run %s: seq %d, hash %s", run.run_id, seq, entry_hash)
-        store.record_run(run.run_id, run.as_of, run.mode, run.systems, summary)
+        store.record_run(run.run_id, run.as_of, run.mode, run.systems, summary, summary["status"])
     summary["report"] = report.write(rules, summary, store, retention_home() / "runs",
                                      audit_mod.all_keys(use_airflow), run.directory)
     write_summary(run, summary)

@@ -48,6 +48,9 @@ def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) 
             "problems": [] if verification is None else verification.problems,
         },
         "rules_in_force": _rules_in_force(rules),
+        "status": summary.get("status", "success"),
+        "steps": summary.get("steps", []),
+        "incomplete": summary.get("incomplete", []),
         "dpo_settings": summary.get("dpo_settings", []),
     }
 
@@ -171,9 +174,8 @@ def render_html(report: dict) -> str:
                [[r["label"], "; ".join(f"{p['purpose']} ({p['legal_basis']})" for p in r["purposes"]),
                  r["clock"], r["duration"] + (" — set by DPO decision: " + r["decision"] if r["set_by_dpo"] else ""),
                  r["then"], r["mode"], ", ".join(r["tables"])] for r in report["rules_in_force"]]),
-        "<h2>Errors and retries</h2>",
-        "<p>The run finished: every step succeeded (a step that fails stops the run before its changes, "
-        "and its task log in Airflow says why).</p>",
+        "<h2>Errors and retries / Erreurs</h2>",
+        _errors(report),
     ]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}"
@@ -218,6 +220,29 @@ def _pending(report: dict) -> str:
     if report["reapplied_after_restore"]:
         lines.append(f"{report['reapplied_after_restore']} removal(s) re-applied after a backup restore.")
     return "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>"
+
+
+def _errors(report: dict) -> str:
+    plain = {"success": "done", "skipped": "skipped (system not selected, or a dry run applies nothing)",
+             "failed": "FAILED: see its task log in Airflow", "upstream_failed": "not run: an earlier step failed"}
+    lines = []
+    if report["status"] == "success":
+        lines.append("<p class='good'>The run finished: every step succeeded.</p>")
+    else:
+        lines.append("<p class='bad'>The run did not finish. Nothing was half done: each batch is applied in one "
+                     "transaction with its audit entries, and the next run finishes the work.</p>")
+    if report["incomplete"]:
+        lines.append("<ul>" + "".join(f"<li>{_e(m)}</li>" for m in report["incomplete"]) + "</ul>")
+    if report["steps"]:
+        lines.append(_table(["step", "outcome", "seconds"],
+                            [[s["task_id"], plain.get(s["state"], s["state"]),
+                              "" if s["duration"] is None else f"{s['duration']:.1f}"] for s in report["steps"]]))
+        lines.append("<p>Steps that reach a database retry twice before failing; each try has its own log in "
+                     "Airflow.</p>")
+    else:
+        lines.append("<p>Run from the command line, in one process: any error stops it with a message and an "
+                     "exit code, before or between transactions.</p>")
+    return "".join(lines)
 
 
 def _audit(audit: dict) -> str:
