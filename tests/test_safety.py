@@ -183,3 +183,21 @@ def test_archived_data_is_readable_only_by_the_archive_role(backend, request):
     finally:
         app.dispose()
         reader.dispose()
+
+
+def test_report_only_rule_is_reported_until_switched_to_enforce(backend, tmp_path):
+    backend.insert("crm", "fraud_alerts", dict(alert_id=1, customer_number="F", raised_on=D("2015-01-01")))
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    policy = rules / "policy.yaml"
+    enforced = policy.read_text()
+    policy.write_text(enforced.replace("  fraud_prevention:\n    label:", "  fraud_prevention:\n    mode: report_only\n    label:"))
+    trial = cli("--rules", str(rules), "run", "--as-of", AS_OF, "--json")
+    assert trial.returncode == 0, trial.stderr
+    summary = json.loads(trial.stdout)
+    assert summary["report_only"] == [{"system": "crm", "table": "fraud_alerts", "rule": "fraud_prevention",
+                                       "action": "delete", "count": 1}]
+    assert exists(backend, "crm", "fraud_alerts", "alert_id", 1)
+    policy.write_text(enforced)  # switched to enforce (the default)
+    assert cli("--rules", str(rules), "run", "--as-of", AS_OF).returncode == 0
+    assert not exists(backend, "crm", "fraud_alerts", "alert_id", 1)

@@ -22,7 +22,9 @@ from rich.table import Table
 
 from .connections import ConnectionProblem
 from .durations import DurationError, parse_as_of
+from .audit import AuditKeyMissing
 from .guard import BlastRadiusExceeded
+from .holds import HoldNotFound
 from .run_lock import RunInProgress
 from .rules import RulesError, load_rules
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionProblem as exc:
         err.print(f"[bold red]Database problem[/]; nothing was changed: {exc}", markup=True)
         return EXIT_DATABASE
-    except (UsageProblem, DurationError, LookupError) as exc:
+    except (UsageProblem, DurationError, HoldNotFound, AuditKeyMissing) as exc:
         err.print(f"[bold red]Error:[/] {exc}", markup=True)
         return EXIT_USAGE
     except BlastRadiusExceeded as exc:

@@ -16,6 +16,10 @@ from .sources import Sources
 HOLDS_TABLE = "retention_holds"
 
 
+class HoldNotFound(Exception):
+    pass
+
+
 @dataclass(frozen=True)
 class HoldScope:
     reason: str
@@ -97,11 +101,11 @@ class HoldStore:
 
     def release(self, key: bytes, hold_id: int, author: str) -> dict:
         if not self.exists:
-            raise LookupError(f"no active legal hold #{hold_id}: none was ever placed")
+            raise HoldNotFound(f"no active legal hold #{hold_id}: none was ever placed")
         with self.store.engine.begin() as conn:
             row = conn.execute(select(self.table).where(self.table.c.hold_id == hold_id)).first()
             if row is None or row.released_on is not None:
-                raise LookupError(f"no active legal hold #{hold_id}; `retention hold list` shows the active ones")
+                raise HoldNotFound(f"no active legal hold #{hold_id}; `retention hold list` shows the active ones")
             conn.execute(update(self.table).where(self.table.c.hold_id == hold_id)
                          .values(released_on=audit.now(), released_by=author))
         self.store.append([self.store.event_entry(
