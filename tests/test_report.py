@@ -27,6 +27,9 @@ def test_report_shows_the_run_with_counts_that_match_the_audit_store(backend, tm
     assert report["audit"]["verified"] is True and "verified" in html
     assert "set by DPO decision" in html and "legitimate_interest" in html  # record of processing
     assert "Anonymisation is not implemented yet" in html  # said, not hidden
+    deleted_invoices = sum(r["count"] for r in report["by_rule"] if r["rule"] == "accounting" and r["action"] == "delete")
+    assert report["by_purpose"]["accounting"]["delete"] == deleted_invoices and "Per purpose" in html
+    assert report["hold_reasons"] and "claim in litigation" in html  # who is held, and why
     assert html.count("<svg") >= 3 and "Upcoming expiries" in html  # breakdown, forecast, trend
     assert {f["days"] for f in report["forecast"]} <= {30, 90, 365}
 

@@ -337,8 +337,10 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None
                 applied[system] = _read_json(applied_file)
             else:
                 missing.append(f"{system}: nothing applied (its apply step did not run or did not finish)")
-    holds_file = run.directory / "holds.json"
-    summary = summarize(rules, run, tally, applied, len(read_holds(run)) if holds_file.exists() else 0)
+    held = read_holds(run) if (run.directory / "holds.json").exists() else {}
+    summary = summarize(rules, run, tally, applied, len(held))
+    reasons: Counter = Counter(scope.reason for scopes in held.values() for scope in scopes)
+    summary["hold_reasons"] = dict(reasons)
     guard_file = run.directory / "guard.json"
     summary["guard"] = _read_json(guard_file) if guard_file.exists() else {"violations": [], "forced": False}
     failed = [s for s in steps or [] if s.get("state") in ("failed", "upstream_failed")]

@@ -32,7 +32,9 @@ def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) 
         "by_system": summary["by_system"],
         "applied": summary.get("applied"),
         "by_rule": summary["details"]["by_rule"],
+        "by_purpose": _by_purpose(rules, summary["details"]["by_rule"]),
         "held_subjects": summary.get("held_subjects", 0),
+        "hold_reasons": summary.get("hold_reasons", {}),
         "held_records": {s: c.get("archive", 0) for s, c in summary["by_system"].items()},
         "guard": summary.get("guard", {}),
         "report_only": summary.get("report_only", []),
@@ -53,6 +55,16 @@ def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) 
         "incomplete": summary.get("incomplete", []),
         "dpo_settings": summary.get("dpo_settings", []),
     }
+
+
+def _by_purpose(rules: Rules, by_rule: list) -> dict:
+    """Records per purpose and action: a record acted on under a rule counts for each of its purposes."""
+    counts: dict = {}
+    for row in by_rule:
+        for purpose in rules.rules[row["rule"]].purposes if row["rule"] in rules.rules else ():
+            actions = counts.setdefault(purpose, {})
+            actions[row["action"]] = actions.get(row["action"], 0) + row["count"]
+    return dict(sorted(counts.items()))
 
 
 def _trend(store) -> list:
@@ -149,6 +161,8 @@ def render_html(report: dict) -> str:
         _table(actions, [[report["actions"][a] for a in actions]]),
         bar_chart("Records per system and action",
                   systems, {a: [report["by_system"][s].get(a, 0) for s in systems] for a in actions if a != "keep"}),
+        "<h2>Per purpose / Par finalité</h2>",
+        _table(["purpose"] + actions, [[p] + [c.get(a, 0) for a in actions] for p, c in report["by_purpose"].items()]),
         "<h2>Per table and rule</h2>",
         _table(["system", "table", "rule", "action", "records", "sample reason"],
                [[r["system"], r["table"], r["rule"], r["action"], r["count"], (r["samples"] or [""])[0]]
@@ -160,7 +174,8 @@ def render_html(report: dict) -> str:
         "<h2>Legal holds / Gels juridiques</h2>",
         f"<p>{report['held_subjects']} subject(s) under a legal hold. Records of held subjects past every "
         "expiry are kept in the intermediate archive instead of being deleted: "
-        + ", ".join(f"{s}: {n} archived in this run" for s, n in sorted(report["held_records"].items())) + ".</p>",
+        + ", ".join(f"{s}: {n} archived in this run" for s, n in sorted(report["held_records"].items())) + ".</p>"
+        + _table(["why / motif", "subjects"], [[r, n] for r, n in sorted(report["hold_reasons"].items())]),
         "<h2>Pending or blocked</h2>",
         _pending(report),
         "<h2>Anonymisation evidence</h2>",

@@ -69,9 +69,7 @@ def main() -> int:
 
     _step("What the run did")
     print_summary(summary)
-    print(f"\nDPO report: {summary['report']['html']}")
-    print(f"Run summary (JSON): {summaries[-1]}")
-    print(f"Audit store: {home / 'audit.sqlite'} (table retention_audit)")
+    print(f"\nAudit store: {home / 'audit.sqlite'} (table retention_audit); verify it with `retention audit verify`.")
     print("Run it again with `make demo`; browse it in Airflow with `make airflow` (see README).")
     return 0
 
