@@ -11,6 +11,7 @@ from sqlalchemy import select
 from . import report
 from .audit import AuditStore, all_keys
 from .connections import retention_home
+from .pipeline import safe_name
 from .rules import load_rules
 
 LIST_LIMIT = 200
@@ -50,10 +51,15 @@ def runs_page() -> str:
 
 
 def run_page(run_id: str) -> str | None:
-    """The run's report, or None when no such enforced run is recorded."""
+    """The run's report, or None when no such enforced run is recorded. The page written at the end
+    of the run is served as it is (verifying the whole audit chain on every view would not scale);
+    it is rebuilt only when that file is gone."""
     store = AuditStore.open(use_airflow=True, create=False)
     summary = _summary(store, run_id)
     if summary is None:
         return None
+    written = retention_home() / "runs" / safe_name(run_id) / "report.html"
+    if written.exists():
+        return written.read_text(encoding="utf-8")
     built = report.build(load_rules(), summary, store, retention_home() / "runs", all_keys(use_airflow=True))
     return report.render_html(built)
