@@ -52,6 +52,8 @@ def test_shipped_rules_load_and_cover_the_policy():
     ("    then: delete\n    # GDPR 21", "    then: shred\n    # GDPR 21", "not an end action"),
     ("purposes: [after_sales]", "purposes: [after_sale]", "unknown purpose 'after_sale'"),
     ('fiscal_year_close: "12-31"', 'fiscal_year_close: "13-31"', "not a month-day"),
+    ("blast_radius: {max_share: 0.5,", "blast_radius: {max_share: 50,", "max_share must be a share"),
+    ("    suppress_for: 3 years", "    suppress_for: forever", "not a duration"),
     ("    set_by: dpo\n    decision: \"Policy says", "    set_by: dpo\n    note: \"Policy says", "needs its `decision`"),
 ])
 def test_policy_mistakes_name_file_line_and_fix(rules_copy, old, new, message):
