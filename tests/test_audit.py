@@ -3,6 +3,8 @@ backup restore."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from datetime import date
@@ -238,3 +240,23 @@ def test_pipeline_role_cannot_change_the_trail(backend, request):
             conn.execute(text("UPDATE retention_audit SET reason = 'x'"))
     # Pruning, by the owner, is the one way entries leave, and it leaves a signed checkpoint.
     assert AuditStore.open().prune(date(2021, 1, 1), audit_key())["entries_pruned"] == 2
+
+
+def test_key_rotation_keeps_old_entries_verifiable_and_findable(trail, retention_home, monkeypatch):
+    old_key = os.environ["RETENTION_AUDIT_KEY"]
+    trail.insert("crm", "fraud_alerts", dict(alert_id=8, customer_number="F8", raised_on=D("2016-01-01")))
+    run_retention("2020-06-01", systems=["crm"])  # entry 8
+    assert AuditStore.open().prune(date(2020, 3, 1), audit_key())["seq"] == 7  # signed with the old key
+    monkeypatch.setenv("RETENTION_AUDIT_KEY", "n" * 64)
+
+    def lookup():
+        result = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "lookup", "--customer-number", "F8",
+                                 "--json"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["found"]
+
+    assert lookup() == 0  # the new key alone cannot recognise entries made with the old one
+    assert "RETENTION_AUDIT_OLD_KEYS" in verify(retention_home).problems[0]
+    monkeypatch.setenv("RETENTION_AUDIT_OLD_KEYS", old_key)
+    assert lookup() == 1
+    assert verify(retention_home).ok
