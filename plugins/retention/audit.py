@@ -283,14 +283,11 @@ class AuditStore:
             conn.execute(insert(self.checkpoints).values(**checkpoint))
         return checkpoint
 
-    def count(self, **filters) -> int:
+    def count(self) -> int:
         if not self.exists:
             return 0
-        query = select(func.count()).select_from(self.entries)
-        for name, value in filters.items():
-            query = query.where(self.entries.c[name] == value)
         with self.engine.connect() as conn:
-            return conn.scalar(query)
+            return conn.scalar(select(func.count()).select_from(self.entries))
 
     def record_run(self, run_id: str, as_of: date, mode: str, systems: list[str], summary: dict,
                    status: str = "success") -> None:

@@ -214,7 +214,8 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
             hashes = [audit_mod.record_hash(key, system, table_name, f.key) for f in chunk]
             prior = store.prior_final_actions(system, table_name, hashes) if store is not None else {}
             for facts, rhash in zip(chunk, hashes):
-                held_because = holds_mod.hold_reason(held, audit_mod.subject_hash(key, facts.subject), system, table)
+                held_because = holds_mod.hold_reason(held, audit_mod.subject_hash(key, facts.subject), system,
+                                                     table) if held else None  # no HMAC per row without holds
                 decision = decide(table, facts, run.as_of, rules.settings, held_because)
                 decision = reapply_after_restore(decision, facts, prior.get(rhash))
                 tally.add(system, table.name, decision.rules, decision.action, decision.reason, decision.replayed)
@@ -304,14 +305,14 @@ def _planned_batches(run: Run, system: str, size: int) -> Iterator[tuple[str, li
 def summarize(rules: Rules, run: Run, tally: Tally, applied: dict | None, held_count: int) -> dict:
     """The run summary: what was decided and, unless a dry run, what was actually changed."""
     systems = sorted({s for s, _t, _a in tally.records} | set(run.systems))
+    details = tally.to_json()
     summary = {
         "run_id": run.run_id, "as_of": run.as_of.isoformat(), "mode": run.mode, "kind": run.kind,
         "systems": run.systems, "actions": tally.actions(),
         "by_system": {s: tally.actions(s) for s in systems},
-        "details": tally.to_json(), "held_subjects": held_count,
+        "details": details, "held_subjects": held_count,
         "reapplied_after_restore": sum(tally.replayed.values()),
-        "report_only": tally.to_json()["report_only"], "force": run.force,
-        "forecast": tally.to_json()["forecast"],
+        "report_only": details["report_only"], "force": run.force, "forecast": details["forecast"],
         "dpo_settings": [{"rule": r.name, "duration": str(r.duration), "decision": r.decision}
                          for r in rules.rules.values() if r.set_by_dpo],
     }

@@ -153,7 +153,7 @@ def render_html(report: dict) -> str:
     actions = [a for a in ACTIONS if a in report["actions"]]
     systems = sorted(report["by_system"])
     sections = [
-        f"<h1>Retention run report <small>Rapport d'exécution</small></h1>",
+        "<h1>Retention run report <small>Rapport d'exécution</small></h1>",
         _table(["run id", "as of / date d'effet", "mode", "started by", "systems", "forced past the guard"],
                [[run["run_id"], run["as_of"], mode, run["kind"], ", ".join(run["systems"]),
                  "yes" if report["guard"].get("forced") else "no"]]),

@@ -278,6 +278,14 @@ class _Checker:
         self.problem(line, f"{where} must be a mapping", "indent `key: value` lines under it")
         return False
 
+    def duration(self, mapping: dict, key: str, where: str) -> Duration | None:
+        """mapping[key] as a Duration, or None after recording why it is not one."""
+        try:
+            return parse_duration(mapping[key])
+        except DurationError as exc:
+            self.problem(mapping.line_of(key), f"{where}: {key}: {exc}", f"e.g. `{key}: 3 years`")
+            return None
+
     def entries(self, parent: dict, key: str, kind: str):
         """(name, spec) of each well-formed `name: {mapping}` entry under parent[key]."""
         raw = parent.get(key) or _empty_mapping()
@@ -306,11 +314,7 @@ def _policy(raw: dict, file: str, problems: list[Problem]):
         if "blast_radius" in raw_settings:
             settings.blast_radius = _blast_radius(raw_settings, BlastRadius(), "settings", check)
         if "audit_retention" in raw_settings:
-            try:
-                settings.audit_retention = parse_duration(raw_settings["audit_retention"])
-            except DurationError as exc:
-                check.problem(raw_settings.line_of("audit_retention"), f"audit_retention: {exc}",
-                              "e.g. `audit_retention: 6 years`")
+            settings.audit_retention = check.duration(raw_settings, "audit_retention", "settings")
             settings.audit_retention_decision = raw_settings.get("audit_retention_decision")
             if not settings.audit_retention_decision:
                 check.problem(raw_settings.line_of("audit_retention"),
@@ -364,10 +368,8 @@ def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None
         if purpose not in purposes:
             check.problem(spec.line_of("purposes"), f"{where}: unknown purpose {purpose!r}",
                           f"declare it under `purposes:` or use one of: {', '.join(sorted(purposes))}")
-    try:
-        duration = parse_duration(spec["duration"])
-    except DurationError as exc:
-        check.problem(spec.line_of("duration"), f"{where}: {exc}", "e.g. `duration: 3 years`")
+    duration = check.duration(spec, "duration", where)
+    if duration is None:
         return None
     then = spec["then"]
     if then not in THEN_ACTIONS:
@@ -392,10 +394,7 @@ def _rule(name: str, spec: dict, purposes: dict, check: _Checker) -> Rule | None
         if not spec.get("ends_early_on"):
             check.problem(spec.line_of("suppress_for"), f"{where}: `suppress_for` needs `ends_early_on`",
                           "name the event (an objection) whose early end puts the person on the suppression list")
-        try:
-            suppress_for = parse_duration(spec["suppress_for"])
-        except DurationError as exc:
-            check.problem(spec.line_of("suppress_for"), f"{where}: {exc}", "e.g. `suppress_for: 3 years`")
+        suppress_for = check.duration(spec, "suppress_for", where)
     for key in ("clock", "ends_early_on", "requires"):
         if key in spec and spec[key] is not None:
             check.name(spec[key], spec.line_of(key), f"{where}: {key}")
