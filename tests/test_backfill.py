@@ -79,19 +79,20 @@ def _wait(condition, seconds: float, logs: Path):
 
 
 def _runs(metadata_db: Path) -> dict:
-    with sqlite3.connect(metadata_db) as conn:
+    with sqlite3.connect(metadata_db, timeout=30) as conn:
         return {run_id: state for run_id, state in conn.execute(
             "SELECT run_id, state FROM dag_run WHERE dag_id = 'retention_nightly'")}
 
 
-def _backfills_completed(metadata_db: Path) -> bool:
-    with sqlite3.connect(metadata_db) as conn:
-        return conn.execute("SELECT count(*) FROM backfill WHERE completed_at IS NULL").fetchone()[0] == 0
+def _backfills_completed(metadata_db: Path, expected: int = 1) -> bool:
+    with sqlite3.connect(metadata_db, timeout=30) as conn:
+        done, total = conn.execute("SELECT count(completed_at), count(*) FROM backfill").fetchone()
+    return done == total == expected
 
 
 def _enforcing_windows(metadata_db: Path) -> list[tuple]:
     """Per run: from the lock's acquisition to its release, as Airflow recorded the two tasks."""
-    with sqlite3.connect(metadata_db) as conn:
+    with sqlite3.connect(metadata_db, timeout=30) as conn:
         rows = conn.execute("SELECT run_id, task_id, end_date FROM task_instance "
                             "WHERE dag_id = 'retention_nightly' AND task_id IN ('acquire_run_lock', 'release_run_lock')").fetchall()
     windows: dict = {}
@@ -101,7 +102,7 @@ def _enforcing_windows(metadata_db: Path) -> list[tuple]:
 
 
 def _audit_entries(home: Path) -> list:
-    with sqlite3.connect(home / "audit.sqlite") as conn:
+    with sqlite3.connect(home / "audit.sqlite", timeout=30) as conn:
         return conn.execute("SELECT entry_id, run_id, as_of, action FROM retention_audit").fetchall()
 
 
@@ -112,9 +113,15 @@ def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_servi
     assert seeded.returncode == 0, seeded.stderr
 
     def backfill(*extra):
-        result = _cli(airflow, env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date", DATES[0],
-                      "--to-date", DATES[-1], "--max-active-runs", "1", "--dag-run-conf", json.dumps({"force": True}),
-                      *extra)
+        for _ in range(3):
+            result = _cli(airflow, env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date",
+                          DATES[0], "--to-date", DATES[-1], "--max-active-runs", "1",
+                          "--dag-run-conf", json.dumps({"force": True}), *extra)
+            # Airflow's embedded SQLite metadata database is shared with the running scheduler: a
+            # create can meet "database is locked" and roll back whole; trying again is what a user does.
+            if result.returncode == 0 or "database is locked" not in result.stderr:
+                break
+            time.sleep(3)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     backfill()
@@ -136,26 +143,17 @@ def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_servi
 
     _wait(lambda: _backfills_completed(metadata_db), 120, logs)  # one backfill per DAG at a time
     backfill("--reprocess-behavior", "completed")
-    _wait(lambda: (r := _runs(metadata_db)) and all(s in ("success", "failed") for s in r.values())
-          and len(list(retention_home.glob("runs/backfill__*/summary.json"))) == 3 and _rerun_done(retention_home, r),
-          600, logs)
+    # Done when Airflow marks the second backfill completed: all three runs ran again.
+    _wait(lambda: _backfills_completed(metadata_db, expected=2), 600, logs)
     assert set(_runs(metadata_db).values()) == {"success"}
     assert _audit_entries(retention_home) == entries  # no new audit entry
     assert _sources(retention_home) == state  # no source changed
-
-
-def _rerun_done(home: Path, runs: dict) -> bool:
-    """The reprocessed runs have finished: each run's registry entry now says it changed nothing."""
-    with sqlite3.connect(home / "audit.sqlite") as conn:
-        summaries = [json.loads(summary) for (summary,) in conn.execute("SELECT summary FROM retention_runs")]
-    return (len(summaries) == 3 and all(state == "success" for state in runs.values())
-            and all(not any(a.values()) for s in summaries for a in s["applied"].values()))
 
 
 def _sources(home: Path) -> dict:
     dumps = {}
     for path in sorted(home.glob("*.sqlite")):
         if path.name != "audit.sqlite":
-            with sqlite3.connect(path) as conn:
+            with sqlite3.connect(path, timeout=30) as conn:
                 dumps[path.name] = list(conn.iterdump())
     return dumps
