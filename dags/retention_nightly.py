@@ -2,7 +2,8 @@
 
 Wiring only: the task bodies live in retention.dag_steps and import the engine when they run.
 The as-of date of a run is the end of its data interval (`run_after` for a manual trigger).
-Every system is extracted and decided before any is changed, so a run acts on one view of all data.
+Every system is extracted, decided and its releases of statistics built and validated before any
+is changed, so a run acts on one view of all data.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ with DAG(
 
         return dag_steps.decide(get_current_context(), system)
 
+    @task
+    def anonymise(system: str):
+        from retention import dag_steps
+
+        return dag_steps.anonymise(get_current_context(), system)
+
     @task(retries=0, trigger_rule="none_failed")
     def blast_radius_guard():
         from retention import dag_steps
@@ -102,8 +109,9 @@ with DAG(
         with TaskGroup(group_id=name):
             extracted = extract(name)
             decision = decide(name)
-            holds >> extracted >> decision
-            decided.append(decision)
+            anonymised = anonymise(name)
+            holds >> extracted >> decision >> anonymised
+            decided.append(anonymised)
             applied.append(apply(name))
     guard = blast_radius_guard()
     decided >> guard >> applied >> summary() >> release_run_lock().as_teardown(setups=lock)

@@ -94,11 +94,11 @@ class Backend:
 def backend(request, retention_home, monkeypatch):
     if request.param == "sqlite":
         retention_home.mkdir(parents=True, exist_ok=True)
-        urls = {name: f"sqlite:///{retention_home / (name + '.sqlite')}" for name in (*SYSTEMS, "audit")}
+        urls = {name: f"sqlite:///{retention_home / (name + '.sqlite')}" for name in (*SYSTEMS, "audit", "statistics")}
     else:
         server = request.getfixturevalue("postgres")
         suffix = next(_counter)
-        urls = {name: server.create_database(f"{name}_{suffix}") for name in (*SYSTEMS, "audit")}
+        urls = {name: server.create_database(f"{name}_{suffix}") for name in (*SYSTEMS, "audit", "statistics")}
     for name, url in urls.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_RETENTION_{name.upper()}", url)
     result = Backend(request.param, urls)

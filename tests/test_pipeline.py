@@ -86,17 +86,21 @@ def test_prospect_clock_restarted_only_by_the_prospect(backend):
     assert exists(backend, "marketing", "subscribers", "subscriber_id", 2)  # the click did
 
 
-def test_anonymise_is_reported_pending_and_left_untouched(backend):
+def test_lone_expiring_customer_is_deleted_without_feeding_statistics(backend):
     company(backend, "X1", "2012-01-01", kbis_extract="Kbis", iban="FR76300060000112345678")
     contract(backend, 1, "X1", "2012-01-01", "2015-01-31")
-    first = run_retention("2020-01-01")
-    # Bank details go at once (minimisation); the rest waits for anonymisation.
-    assert first["actions"]["strip"] == 1
+    first = run_retention("2016-01-01")
+    # The contract ended: bank details go at once (minimisation); the relationship still runs.
+    assert first["actions"]["strip"] == 1 and first["anonymisation"] == []
     summary = run_retention("2020-01-02")
-    row = backend.row("crm", "companies", "customer_number", "X1")
-    assert row is not None and row["kbis_extract"] == "Kbis" and row["iban"] is None
-    assert summary["actions"]["anonymise_pending"] == 1
-    assert not [r for r in audit_rows(backend) if r["table_name"] == "companies" and r["action"] != "strip"]
+    assert backend.row("crm", "companies", "customer_number", "X1") is None
+    assert summary["actions"]["anonymise"] == 1
+    [evidence] = summary["anonymisation"]
+    # One customer can never make a group of k=5: suppressed, never released.
+    assert (evidence["records_in"], evidence["records_released"], evidence["records_suppressed"]) == (1, 0, 1)
+    assert evidence["status"] == "published" and evidence["validation"]["passed"]
+    [entry] = [r for r in audit_rows(backend) if r["table_name"] == "companies" and r["action"] == "anonymise"]
+    assert "suppressed" in entry["reason"]
 
 
 def test_dry_run_changes_nothing(backend):
@@ -108,7 +112,7 @@ def test_dry_run_changes_nothing(backend):
     before = backend.snapshot()
     summary = run_retention("2020-01-01", dry_run=True)
     assert summary["mode"] == "dry_run"
-    assert summary["actions"]["delete"] == 2 and summary["actions"]["strip"] == 1  # contact, contract; IBAN
+    assert summary["actions"]["delete"] == 2 and summary["actions"]["anonymise"] == 1  # contact, contract; company
     assert "applied" not in summary
     assert backend.snapshot() == before
 

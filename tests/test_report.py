@@ -26,7 +26,13 @@ def test_report_shows_the_run_with_counts_that_match_the_audit_store(backend, tm
     assert re.search(rf"<td>{summary['actions']['delete']}</td>", html)
     assert report["audit"]["verified"] is True and "verified" in html
     assert "set by DPO decision" in html and "legitimate_interest" in html  # record of processing
-    assert "Anonymisation is not implemented yet" in html  # said, not hidden
+    # Anonymisation evidence: per release, k and l achieved and how much suppression removed.
+    assert report["anonymisation"] and all(r["status"] == "published" for r in report["anonymisation"])
+    for release in report["anonymisation"]:
+        assert release["dataset"] in html
+        assert f"{release['records_suppressed']} suppressed ({release['persons_suppressed']} people)" in html
+        achieved = "-" if release["k_achieved"] is None else release["k_achieved"]  # nothing released
+        assert f"k={release['k']} (achieved {achieved})" in html
     deleted_invoices = sum(r["count"] for r in report["by_rule"] if r["rule"] == "accounting" and r["action"] == "delete")
     assert report["by_purpose"]["accounting"]["delete"] == deleted_invoices and "Per purpose" in html
     assert report["hold_reasons"] and "claim in litigation" in html  # who is held, and why

@@ -11,7 +11,7 @@ from sqlalchemy import delete, insert, literal, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from . import audit
-from .decide import ARCHIVE, DELETE, STRIP
+from .decide import ARCHIVE, REMOVING, STRIP
 from .rules import Rules, TableSpec
 from .sources import ARCHIVED_ON, Sources
 
@@ -87,7 +87,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
             keys = [p.key for p in group]
             condition = _key_in(target, spec, keys)
             pk = [target.c[name] for name in spec.primary_key]
-            if action == DELETE:
+            if action in REMOVING:
                 statement = delete(target).where(condition).returning(*pk)
             elif action == STRIP:
                 filled = or_(*[target.c[f].is_not(None) for f in fields])

@@ -27,7 +27,7 @@ RUNS_TABLE = "retention_runs"
 HEAD_TABLE = "retention_audit_head"
 CHECKPOINTS_TABLE = "retention_audit_checkpoints"
 # Actions whose effect a restored backup undoes, and that must therefore be applied again.
-REMOVALS = ("delete", "strip", "delete_from_archive", "archive")
+REMOVALS = ("delete", "strip", "delete_from_archive", "archive", "anonymise", "anonymise_from_archive")
 
 
 class AuditKeyMissing(Exception):
@@ -187,9 +187,12 @@ class AuditStore:
         conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
 
     def append(self, entries: list[dict]) -> None:
-        """Record events that change no source row (legal holds, guard overrides)."""
+        """Record events that change no source row (legal holds, guard overrides, releases). An entry
+        already recorded (a retried step) is not recorded twice."""
         with self.engine.begin() as conn:
-            self._chain_in(conn, entries)
+            ids = [e["entry_id"] for e in entries]
+            known = set(conn.scalars(select(self.entries.c.entry_id).where(self.entries.c.entry_id.in_(ids))))
+            self._chain_in(conn, [e for e in entries if e["entry_id"] not in known])
 
     def event_entry(self, key: bytes, run_id: str, as_of: date, action: str, reason: str, *,
                     system: str = "*", table: str = "-", subject: str | None = None, purposes: str = "",

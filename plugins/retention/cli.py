@@ -447,6 +447,8 @@ def _related_systems(rules, systems: list[str]) -> set:
 
 
 def print_summary(summary: dict) -> None:
+    from .pipeline import release_summary
+
     mode = "DRY RUN - nothing was changed" if summary["mode"] == "dry_run" else "enforced"
     out.print(f"[bold]Retention run {summary['run_id']}[/] as of {summary['as_of']} ({mode})")
     table = Table(title="Records per system and action")
@@ -474,9 +476,8 @@ def print_summary(summary: dict) -> None:
         out.print("Sample reasons:")
         for line in samples:
             out.print(line, markup=False)
-    if summary["actions"].get("anonymise_pending"):
-        out.print(f"{summary['actions']['anonymise_pending']} record(s) are due for anonymisation, which is not "
-                  "available yet: they were left untouched and will be handled once it is.")
+    for evidence in summary.get("anonymisation", []):
+        out.print(f"Anonymisation ({evidence['status']}): {release_summary(evidence)}", markup=False)
     for setting in summary["dpo_settings"]:
         out.print(f"Set by DPO decision: {setting['rule']} = {setting['duration']} ({setting['decision']})")
     guard_outcome = summary.get("guard", {})

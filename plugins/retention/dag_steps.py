@@ -140,6 +140,25 @@ def decide(context, system: str) -> dict:
     return tally.actions(system)
 
 
+def anonymise(context, system: str) -> list[str]:
+    """Build and validate the releases of the system's records due for anonymisation."""
+    from .pipeline import anonymise_system, release_summary
+    from .rules import load_rules
+    from .sources import Sources
+
+    run = run_from_context(context)
+    _skip_unless_selected(run, system)
+    rules = load_rules()
+    sources = Sources(rules, use_airflow=True)
+    try:
+        releases = anonymise_system(rules, sources, run, system)
+    finally:
+        sources.dispose()
+    for evidence in releases:
+        log.info("%s", release_summary(evidence))
+    return [f"{r['dataset']}: {r['status']}" for r in releases]
+
+
 def guard(context) -> dict:
     """Stop the run before any change if a table would change beyond its limits (unless forced)."""
     from airflow.sdk.exceptions import AirflowFailException

@@ -12,9 +12,10 @@ from datetime import date
 from .durations import fiscal_year_close
 from .rules import Binding, Settings, TableSpec
 
-KEEP, STRIP, DELETE, ARCHIVE, ANONYMISE_PENDING = "keep", "strip", "delete", "archive", "anonymise_pending"
-ACTIONS = (DELETE, STRIP, ARCHIVE, ANONYMISE_PENDING, KEEP)
-CHANGING = (DELETE, STRIP, ARCHIVE)  # actions that change a source row
+KEEP, STRIP, DELETE, ARCHIVE, ANONYMISE = "keep", "strip", "delete", "archive", "anonymise"
+ACTIONS = (DELETE, ANONYMISE, STRIP, ARCHIVE, KEEP)
+CHANGING = (DELETE, ANONYMISE, STRIP, ARCHIVE)  # actions that change a source row
+REMOVING = (DELETE, ANONYMISE)  # the row goes (anonymise: after feeding the statistics)
 
 
 @dataclass(frozen=True)
@@ -140,15 +141,9 @@ def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | N
         if facts.archived:
             return Decision(KEEP, (last.rule,), f"legal hold: {hold_reason}; kept in archive; {reason}")
         return Decision(ARCHIVE, (last.rule,), f"legal hold: {hold_reason}; {reason}")
-    if table.on_expiry == "anonymise":
-        # Until the record can be anonymised, fields of ended purposes still go (minimisation).
-        strip = tuple(f for f in table.strip_fields if f in facts.present)
-        if strip:
-            rules = tuple(s.rule for b, s in statuses if set(b.fields) & set(strip))
-            return Decision(STRIP, rules, f"{reason}; anonymisation pending", strip)
-        return Decision(ANONYMISE_PENDING, (last.rule,), f"{reason}; anonymisation not available yet, left untouched")
     suppress = next((b.rule.name for b, s in statuses if s.ended_early and b.rule.suppress_for), None)
-    return Decision(DELETE, (last.rule,), reason, suppress=suppress)
+    action = ANONYMISE if table.on_expiry == "anonymise" else DELETE
+    return Decision(action, (last.rule,), reason, suppress=suppress)
 
 
 def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None) -> Decision:
@@ -161,9 +156,10 @@ def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None)
     origin = f"re-applied after restore: {action} as of {as_of} by run {run_id}; {decision.reason}"
     if decision.action == ARCHIVE or action == "archive":
         return replace(decision, reason=origin, replayed=True) if decision.action == ARCHIVE else decision
-    if action in ("delete", "delete_from_archive"):
+    if action in ("delete", "delete_from_archive", "anonymise", "anonymise_from_archive"):
+        # Already counted in the statistics when it was anonymised: this time it only goes.
         return replace(decision, action=DELETE, reason=origin, fields=(), replayed=True)
-    if decision.action == DELETE:
+    if decision.action in REMOVING:
         return decision  # the record's own end has come since it was stripped
     lost = tuple(f for f in (fields or "").split(",") if f and f in facts.present)
     if not lost:

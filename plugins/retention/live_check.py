@@ -69,6 +69,8 @@ def _check_table(rules: Rules, sources: Sources, spec: TableSpec, problems: list
     if spec.subject and spec.subject not in local:
         problems.append(Problem(spec.file, spec.line, f"{where}: subject {spec.subject!r} is neither a column nor a lookup",
                                 "name a column of the table or declare a lookup"))
+    if spec.anonymise:
+        _check_anonymisation(rules, sources, spec, cols, problems)
     items = [(f"{where} lookup {n}", i, False) for n, i in spec.lookups.items()]
     for name, event in used_events(spec).items():
         items += [(f"{where} event {name}", i, True) for i in event.items]
@@ -91,3 +93,20 @@ def _check_table(rules: Rules, sources: Sources, spec: TableSpec, problems: list
         _need(other, rel.remote, f"{label} ({rel.system}.{rel.table}) link", spec.file, spec.line, problems)
         for column, _ in rel.where:
             _need(other, column, f"{label} ({rel.system}.{rel.table}) where", spec.file, spec.line, problems)
+
+
+def _check_anonymisation(rules: Rules, sources: Sources, spec: TableSpec, cols, problems: list[Problem]) -> None:
+    where = f"table {spec.name} anonymise"
+    line = spec.anonymise.line
+    _need(cols, spec.anonymise.person, f"{where} person", spec.file, line, problems)
+    for attr in spec.anonymise.attributes():
+        label = f"{where} {attr.name}"
+        if attr.column:
+            _need(cols, attr.column, label, spec.file, line, problems)
+        elif attr.related:
+            rel = attr.related
+            _need(cols, rel.local, label + " link", spec.file, line, problems)
+            other = _columns(sources, rel.system, rel.table, spec.file, problems, line) if rel.system in rules.systems else None
+            if other is not None:
+                for column in [rel.column, rel.remote] + [c for c, _ in rel.where]:
+                    _need(other, column, f"{label} ({rel.system}.{rel.table})", spec.file, line, problems)

@@ -1,6 +1,6 @@
 """The steps of a retention run, shared by the CLI and the Airflow tasks:
 
-    holds -> extract (per system) -> decide (per system) -> apply + publish (per system) -> summary
+    holds -> extract, decide, anonymise (per system) -> guard -> apply + publish (per system) -> summary
 
 Each step reads and writes small staging files in the run's directory, so the Airflow tasks can
 run them separately (and on different workers sharing $RETENTION_HOME). Every decision of a run is
@@ -26,7 +26,7 @@ from . import guard, report
 from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
-from .decide import ACTIONS, CHANGING, EventValue, Facts, decide, reapply_after_restore
+from .decide import ACTIONS, ANONYMISE, CHANGING, EventValue, Facts, decide, reapply_after_restore
 from .chain import write_published_head
 from .extract import DEFAULT_BATCH, batches
 from .rules import Rules, SystemSpec, TableSpec
@@ -223,11 +223,13 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                     tally.report_only[(system, table.name, rule, decision.would)] += 1
                 tally.add_forecast(rules, run.as_of, decision.upcoming)
                 if decision.action in CHANGING:
-                    out.write(json.dumps({"t": table.name, "k": list(facts.key), "s": facts.subject,
-                                          "a": facts.archived, "action": decision.action,
-                                          "rules": list(decision.rules), "reason": decision.reason,
-                                          "fields": list(decision.fields), "i": list(facts.identifier_hashes),
-                                          "r": decision.replayed, "x": decision.suppress}, default=str) + "\n")
+                    row = {"t": table.name, "k": list(facts.key), "s": facts.subject, "a": facts.archived,
+                           "action": decision.action, "rules": list(decision.rules), "reason": decision.reason,
+                           "fields": list(decision.fields), "i": list(facts.identifier_hashes),
+                           "r": decision.replayed, "x": decision.suppress}
+                    if decision.action == ANONYMISE:  # event dates some statistics are broken down by
+                        row["e"] = {n: v.day for n, v in facts.events.items() if v.day}
+                    out.write(json.dumps(row, default=str) + "\n")
     _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
 
@@ -243,6 +245,76 @@ def _table_chunks(rows: Iterator[dict], size: int) -> Iterator[tuple[str, list[d
         chunk.append(row)
     if chunk:
         yield current, chunk
+
+
+# ---------------------------------------------------------------- anonymise
+
+
+def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> list[dict]:
+    """Build the release of every dataset of the system with records due for anonymisation: read
+    their attributes, generalise, validate (Great Expectations). Nothing is written outside the
+    run's staging files: the apply step writes the release, then deletes the records. A release
+    that fails validation keeps all its records, and the run fails saying why."""
+    tables = {n: t for n, t in rules.system(system).tables.items() if t.anonymise}
+    due: dict = {name: [] for name in tables}
+    if tables:
+        for row in _read_lines(_staging(run, system, "decisions")):
+            if row["action"] == ANONYMISE:
+                due[row["t"]].append(row)
+    outcomes, notes = [], {}
+    for name, rows in due.items():
+        if rows:
+            evidence, note = _build_release(sources, run, system, tables[name], rows)
+            outcomes.append(evidence)
+            notes[name] = note
+    _write_json(_staging(run, system, "anonymised", ".json"), outcomes)
+    with open(_staging(run, system, "to_apply"), "w", encoding="utf-8") as out:
+        for row in _read_lines(_staging(run, system, "decisions")):
+            if row["action"] == ANONYMISE:
+                released, suppressed_keys, suppressed = notes[row["t"]]
+                if not released:
+                    continue  # its release was rejected: the record stays
+                row["reason"] += suppressed if json.dumps(row["k"], default=str) in suppressed_keys else released
+            out.write(json.dumps(row, default=str) + "\n")
+    return outcomes
+
+
+def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: list[dict]) -> tuple:
+    # pandas and Great Expectations load only when a run has something to anonymise.
+    from .attributes import attribute_frame
+    from .generalise import PERSON, build_release
+    from .release_validation import validate
+    from .statistics_store import SchemaMismatch, StatisticsStore
+
+    spec = table.anonymise
+    frame = attribute_frame(sources, table, rows, run.batch_size)
+    release = build_release(frame, spec)
+    validation = validate(release.data, release.profile, spec, frame[PERSON])
+    problem = None
+    if not run.dry_run:
+        store = StatisticsStore.open(sources.use_airflow)
+        try:
+            store.check_schema(spec)
+        except SchemaMismatch as exc:
+            problem = str(exc)
+        finally:
+            store.dispose()
+    ok = validation.success and problem is None
+    release_id = f"{run.run_id}:{spec.dataset}"
+    evidence = dict(release.evidence, system=system, table=table.name, release_id=release_id,
+                    status="validated" if ok else "rejected", problem=problem,
+                    validation={"passed": validation.success, "failures": validation.failures(),
+                                "checks": validation.results})
+    if not ok:
+        log.error("release %s rejected, its %d records are kept: %s", release_id, len(rows),
+                  problem or "; ".join(validation.failures()))
+    data = json.loads(release.data.to_json(orient="records", date_format="iso")) if ok else []
+    _write_json(_staging(run, system, f"release_{table.name}", ".json"), {"evidence": evidence, "rows": data})
+    suppressed_keys = {json.dumps(rows[i]["k"], default=str) for i, flag in enumerate(release.suppressed) if flag}
+    released = f"; anonymised into {spec.dataset} release {release_id}" if ok else ""
+    suppressed = (f"; deleted without feeding {spec.dataset}: its group stayed below k={spec.k} people or "
+                  f"l={spec.l} distinct values (suppressed)")
+    return evidence, (released, suppressed_keys, suppressed)
 
 
 def read_tally(run: Run, system: str) -> Tally:
@@ -281,6 +353,8 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     if expired:
         log.info("%d suppression-list entries of %s reached the end of their period and were removed", expired, system)
     spec = rules.system(system)
+    releases = _read_json(_staging(run, system, "anonymised", ".json"))
+    statistics = _open_statistics(sources, spec, run, releases)
     context = RunContext(run.run_id, run.as_of, key, rules)
     done: Counter = Counter()
     for table_name, batch in _planned_batches(run, system, run.batch_size):
@@ -288,13 +362,65 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
         if progress:
             progress(system, table_name, len(batch))
     published = store.publish(sources, system)
+    if statistics is not None:
+        _publish_releases(statistics, store, spec, run, key, releases)
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
     _write_json(_staging(run, system, "applied", ".json"), dict(done))
     return done
 
 
+def _open_statistics(sources: Sources, spec: SystemSpec, run: Run, releases: list[dict]):
+    """Before any record is deleted, its release is in the statistics store (pending)."""
+    datasets = [t.anonymise.dataset for t in spec.tables.values() if t.anonymise]
+    if not datasets:
+        return None
+    from .statistics_store import StatisticsStore
+
+    statistics = StatisticsStore.open(sources.use_airflow)
+    for release_id in statistics.withdraw_unfinished(datasets, run.run_id):
+        log.warning("release %s of a run that did not finish was withdrawn: its records are anonymised again", release_id)
+    for evidence in releases:
+        if evidence["status"] == "validated":
+            staged = _read_json(_staging(run, spec.name, f"release_{evidence['table']}", ".json"))
+            table = spec.tables[evidence["table"]]
+            statistics.write_pending(evidence["release_id"], run.run_id, run.as_of, table.anonymise,
+                                     staged["rows"], evidence)
+    return statistics
+
+
+def _publish_releases(statistics, store: audit_mod.AuditStore, spec: SystemSpec, run: Run, key: bytes,
+                      releases: list[dict]) -> None:
+    """Every record of the release is deleted and audited: the release is published, and so is
+    its evidence, in the audit trail."""
+    from .statistics_store import PUBLISHED
+
+    entries = []
+    for evidence in releases:
+        if evidence["status"] != "validated":
+            continue
+        statistics.set_status(evidence["release_id"], PUBLISHED)
+        evidence["status"] = "published"
+        table = spec.tables[evidence["table"]]
+        entries.append(store.event_entry(
+            key, run.run_id, run.as_of, "anonymisation_release", release_summary(evidence),
+            system=spec.name, table=table.name, rules=",".join(b.rule.name for b in table.retention)))
+    store.append(entries)
+    statistics.dispose()
+    _write_json(_staging(run, spec.name, "anonymised", ".json"), releases)
+
+
+def release_summary(evidence: dict) -> str:
+    """One line of evidence: what a release holds and why it is anonymous."""
+    qis = ", ".join(f"{n} by {step}" for n, step in evidence["quasi_identifiers"].items())
+    checks = "passed" if evidence["validation"]["passed"] else "failed: " + "; ".join(evidence["validation"]["failures"])
+    return (f"{evidence['dataset']} release {evidence['release_id']}: {evidence['records_in']} records in, "
+            f"{evidence['records_released']} released in {evidence['groups_released']} groups ({qis}), "
+            f"{evidence['records_suppressed']} suppressed; k={evidence['k']} (achieved {evidence['k_achieved']}), "
+            f"l={evidence['l']} (achieved {evidence['l_achieved']}); validation {checks}")
+
+
 def _planned_batches(run: Run, system: str, size: int) -> Iterator[tuple[str, list[Planned]]]:
-    for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "decisions")), size):
+    for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "to_apply")), size):
         yield table_name, [Planned(tuple(r["k"]), r["s"], r["a"], r["action"], tuple(r["rules"]), r["reason"],
                                    tuple(r["fields"]), tuple(r["i"]), r["r"], r["x"]) for r in rows]
 
@@ -338,8 +464,16 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None
                 applied[system] = _read_json(applied_file)
             else:
                 missing.append(f"{system}: nothing applied (its apply step did not run or did not finish)")
+    releases = []
+    for system in run.systems:
+        staged = _staging(run, system, "anonymised", ".json")
+        if staged.exists():
+            releases += _read_json(staged)
     held = read_holds(run) if (run.directory / "holds.json").exists() else {}
     summary = summarize(rules, run, tally, applied, len(held))
+    summary["anonymisation"] = releases
+    missing += [f"{r['system']}.{r['table']}: release of {r['dataset']} rejected, its records were kept "
+                f"({r['problem'] or '; '.join(r['validation']['failures'])})" for r in releases if r["status"] == "rejected"]
     reasons: Counter = Counter(scope.reason for scopes in held.values() for scope in scopes)
     summary["hold_reasons"] = dict(reasons)
     guard_file = run.directory / "guard.json"
@@ -378,6 +512,7 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
         for system in run.systems:
             extract_system(rules, sources, run, system, key, progress)
             decide_system(rules, run, system, held, key, known)
+            anonymise_system(rules, sources, run, system)
         guard_run(rules, run, key, use_airflow)
         if not run.dry_run:
             store = audit_mod.AuditStore.open(use_airflow)

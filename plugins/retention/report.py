@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 
 from .chain import read_published_heads
-from .decide import ACTIONS
+from .decide import ACTIONS, CHANGING
 from .rules import Rules
 
 log = logging.getLogger("retention")
 TREND_RUNS = 14
-COLOURS = {"delete": "#c0392b", "strip": "#e67e22", "archive": "#8e44ad", "anonymise_pending": "#2980b9",
+COLOURS = {"delete": "#c0392b", "strip": "#e67e22", "archive": "#8e44ad", "anonymise": "#2980b9",
            "keep": "#95a5a6", "report_only": "#16a085"}
 
 
@@ -39,8 +39,7 @@ def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) 
         "guard": summary.get("guard", {}),
         "report_only": summary.get("report_only", []),
         "reapplied_after_restore": summary.get("reapplied_after_restore", 0),
-        "pending": {"anonymise_pending": summary["actions"].get("anonymise_pending", 0)},
-        "anonymisation": None,  # no anonymisation step exists yet: said so, not hidden
+        "anonymisation": summary.get("anonymisation", []),
         "forecast": summary.get("forecast", []),
         "trend": _trend(store),
         "audit": {
@@ -79,7 +78,7 @@ def _trend(store) -> list:
     trend = []
     for run_id, as_of, raw in reversed(rows):
         applied = json.loads(raw).get("applied") or {}
-        totals = {a: sum(s.get(a, 0) for s in applied.values()) for a in ("delete", "strip", "archive")}
+        totals = {a: sum(s.get(a, 0) for s in applied.values()) for a in CHANGING}
         trend.append({"run_id": run_id, "as_of": as_of, **totals})
     return trend
 
@@ -141,9 +140,11 @@ def bar_chart(title: str, categories: list[str], series: dict[str, list[int]], w
     return "".join(parts)
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
+def _table(headers: list[str], rows: list[list], escaped: bool = False) -> str:
+    """A table of plain values, or of cells already escaped by the caller (`escaped`)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    cell = str if escaped else _e
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -178,10 +179,8 @@ def render_html(report: dict) -> str:
         + _table(["why / motif", "subjects"], [[r, n] for r, n in sorted(report["hold_reasons"].items())]),
         "<h2>Pending or blocked</h2>",
         _pending(report),
-        "<h2>Anonymisation evidence</h2>",
-        "<p class='missing'>Anonymisation is not implemented yet: records due for it are counted as "
-        f"<b>anonymise_pending</b> ({report['pending']['anonymise_pending']}) and left untouched. "
-        "No k-anonymity or l-diversity evidence exists to show.</p>",
+        "<h2>Anonymisation evidence / Anonymisation</h2>",
+        _anonymisation(report["anonymisation"]),
         "<h2>Audit trail / Piste d'audit</h2>",
         _audit(report["audit"]),
         "<h2>Rules in force (record of processing, GDPR art. 30)</h2>",
@@ -221,11 +220,43 @@ def _trend_html(trend: list) -> str:
         return "<p>No enforced run recorded yet.</p>"
     labels = [f"as of {t['as_of']} ({t['run_id'][:28]})" for t in trend]
     return bar_chart("Changes applied per run (oldest first)", labels,
-                     {a: [t[a] for t in trend] for a in ("delete", "strip", "archive")}, width=760)
+                     {a: [t.get(a, 0) for t in trend] for a in CHANGING}, width=760)
+
+
+def _anonymisation(releases: list) -> str:
+    if not releases:
+        return "<p>No record was due for anonymisation in this run.</p>"
+    rows = []
+    for r in releases:
+        checks = r["validation"]["checks"]
+        passed = sum(1 for c in checks if c["success"])
+        outcome = (f"<span class='good'>passed {passed}/{len(checks)}</span>" if r["validation"]["passed"] else
+                   f"<span class='bad'>failed: {_e('; '.join(r['validation']['failures']))}</span>")
+        if r.get("problem"):
+            outcome += f"<br><span class='bad'>{_e(r['problem'])}</span>"
+        measures = "; ".join(f"{m}: {v['released']} of {v['in']} released ({v['suppressed']} suppressed)"
+                             for m, v in r["measures"].items())
+        rows.append([
+            f"{_e(r['dataset'])}<br><small>{_e(r['system'])}.{_e(r['table'])}, {_e(r['release'])}</small>",
+            "<br>".join(f"{_e(n)}: {_e(step)}" for n, step in r["quasi_identifiers"].items()),
+            f"k={r['k']} (achieved {r['k_achieved'] if r['k_achieved'] is not None else '-'})<br>"
+            f"l={r['l']} (achieved {r['l_achieved'] if r['l_achieved'] is not None else '-'})",
+            f"{r['records_in']} in ({r['persons_in']} people)<br>{r['records_released']} released in "
+            f"{r['groups_released']} groups<br>{r['rows_generalised']} generalised<br>"
+            f"{r['records_suppressed']} suppressed ({r['persons_suppressed']} people)",
+            _e(measures) or "-", outcome, _e(r["status"]),
+        ])
+    head = ("<p>Records due for anonymisation are generalised along their ladders until every group holds at "
+            "least k people and l distinct values of each sensitive attribute; groups that still fail are "
+            "suppressed (deleted without feeding the statistics). Each release is checked with Great Expectations "
+            "before anything is written or deleted, then published once all its records are deleted.</p>")
+    return head + _table(["dataset", "quasi-identifiers (level reached)", "k / l", "records",
+                          "measures", "validation", "release"], rows, escaped=True)
 
 
 def _pending(report: dict) -> str:
-    lines = [f"{report['pending']['anonymise_pending']} record(s) due for anonymisation, left untouched."]
+    lines = [f"Release of {r['dataset']} rejected: its {r['records_in']} record(s) were kept, nothing was written."
+             for r in report["anonymisation"] if r["status"] == "rejected"]
     for message in report["guard"].get("violations", []):
         verb = "Forced past the blast-radius guard" if report["guard"].get("forced") else "Blast-radius guard"
         lines.append(f"{verb}: {message}")
@@ -234,6 +265,8 @@ def _pending(report: dict) -> str:
                      f"{row['action']} under rule {row['rule']}.")
     if report["reapplied_after_restore"]:
         lines.append(f"{report['reapplied_after_restore']} removal(s) re-applied after a backup restore.")
+    if not lines:
+        return "<p>Nothing pending or blocked.</p>"
     return "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>"
 
 

@@ -15,6 +15,9 @@ from .durations import Duration, DurationError, parse_duration, parse_month_day
 
 THEN_ACTIONS = ("delete", "anonymise", "delete_or_anonymise")
 ON_EXPIRY = ("delete", "anonymise")
+RELEASES = ("aggregates", "microdata")
+AGGREGATES = ("max", "sum", "count", "any")  # of a related attribute over the linked rows
+LADDER_STEPS = ("value", "month", "quarter", "year", "departement", "region", "*")
 COUNTED_FROM = ("event", "fiscal_year_close")
 MODES = ("enforce", "report_only")
 LEGAL_BASES = (
@@ -90,6 +93,51 @@ class Hold:
     reason: str
 
 
+@dataclass(frozen=True)
+class Attribute:
+    """A value read for anonymisation: a column of the row, the date of an event the rules compute,
+    or an aggregate over linked rows of a related table."""
+
+    name: str
+    column: str | None = None
+    event: str | None = None
+    related: Related | None = None
+    aggregate: str = "max"
+
+
+@dataclass(frozen=True)
+class QuasiIdentifier:
+    attribute: Attribute
+    ladder: tuple  # steps from finest to coarsest: a LADDER_STEPS name or ("bands", (edge, ...))
+
+
+@dataclass(frozen=True)
+class Sensitive:
+    attribute: Attribute
+    values: tuple  # declared categories; anything else is released as "other"
+
+
+@dataclass(frozen=True)
+class Anonymisation:
+    """How a table's expiring records feed statistics before they are deleted."""
+
+    dataset: str
+    label: str
+    person: str  # column telling people apart, to count them per group; read in memory, never released
+    quasi_identifiers: tuple  # QuasiIdentifier...
+    sensitive: tuple  # Sensitive...
+    measures: tuple  # Attribute... summed per group (aggregates only)
+    k: int = 5
+    l: int = 2
+    release: str = "aggregates"  # or microdata: generalised rows, where the rules ask for it
+    max_suppressed: float = 0.05  # share of records the ladder may leave to suppression before climbing
+    line: int = 0
+
+    def attributes(self) -> list[Attribute]:
+        return ([q.attribute for q in self.quasi_identifiers] + [s.attribute for s in self.sensitive]
+                + list(self.measures))
+
+
 @dataclass
 class TableSpec:
     system: str
@@ -104,6 +152,7 @@ class TableSpec:
     line: int = 0
     identifiers: tuple = ()  # ((kind, column), ...): what a person may give to find their records
     blast_radius: BlastRadius | None = None  # None: the policy's settings
+    anonymise: Anonymisation | None = None  # with on_expiry: anonymise
 
     @property
     def strip_fields(self) -> tuple:
@@ -470,17 +519,20 @@ def _events(parent: dict, system: str, check: _Checker) -> dict:
     return events
 
 
-def _item(raw, line: int, system: str, where: str, check: _Checker) -> Item | None:
+def _item(raw, line: int, system: str, where: str, check: _Checker, extra: tuple = (),
+          related_extra: tuple = ()) -> Item | None:
+    """An event item or lookup; `extra` (and `related_extra` under related) are further keys the
+    caller reads itself."""
     if not check.mapping(raw, line, where):
         return None
     if "related" in raw:
-        if not check.keys(raw, where, ("related",), ()):
+        if not check.keys(raw, where, ("related",), extra):
             return None
         rel = raw["related"]
         if not check.mapping(rel, raw.line_of("related"), f"{where}: related"):
             return None
         if not check.keys(rel, f"{where}: related", ("table", "column", "link"),
-                          ("system", "where", "ongoing_if_null")):
+                          ("system", "where", "ongoing_if_null") + related_extra):
             return None
         link = rel["link"]
         if not isinstance(link, dict) or len(link) != 1:
@@ -494,7 +546,7 @@ def _item(raw, line: int, system: str, where: str, check: _Checker) -> Item | No
             local=str(local), remote=str(remote),
             where=_where(rel.get("where") or {}, rel.line_of("where"), where, check), ongoing_if_null=ongoing,
         ))
-    if not check.keys(raw, where, ("column",), ("ongoing_if_null",)):
+    if not check.keys(raw, where, ("column",), ("ongoing_if_null",) + extra):
         return None
     ongoing = _bool(raw.get("ongoing_if_null", False), raw.line_of("ongoing_if_null"), where, check)
     return Item(column=str(raw["column"]), ongoing_if_null=ongoing)
@@ -520,7 +572,7 @@ def _where(raw, line: int, where: str, check: _Checker) -> tuple:
 def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict, check: _Checker):
     where = f"table {name}"
     if not check.keys(spec, where, ("primary_key", "retention"),
-                      ("subject", "lookups", "events", "on_expiry", "identifiers", "blast_radius")):
+                      ("subject", "lookups", "events", "on_expiry", "identifiers", "blast_radius", "anonymise")):
         return None
     pk = spec["primary_key"]
     if not isinstance(pk, list) or not pk or not all(isinstance(c, str) for c in pk):
@@ -571,13 +623,15 @@ def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict,
                               f"{where}: rule {rule.name} needs event {event_name!r}, which this system does not define",
                               f"define `{event_name}` under `events:` of the system or of the table")
         bindings.append(Binding(rule, tuple(str(f) for f in fields)))
-    if on_expiry == "anonymise":
-        # Rules that only strip fields never see the record end; the ones governing it must allow it.
-        strict = [b.rule.name for b in bindings if b.rule.then == "delete" and not b.fields]
-        if strict:
-            check.problem(spec.line_of("on_expiry"),
-                          f"{where}: `on_expiry: anonymise` but rule(s) {', '.join(strict)} end with delete only",
-                          "use `on_expiry: delete`, or change the rule's `then` if the policy allows anonymising")
+    anonymisation = None
+    if on_expiry == "anonymise" and "anonymise" not in spec:
+        check.problem(spec.line_of("on_expiry"), f"{where}: `on_expiry: anonymise` needs an `anonymise:` block",
+                      "declare the dataset, its quasi_identifiers with their ladders, sensitive attributes, k and l")
+    elif "anonymise" in spec:
+        if on_expiry != "anonymise":
+            check.problem(spec.line_of("anonymise"), f"{where}: `anonymise:` is declared but `on_expiry` is {on_expiry}",
+                          "add `on_expiry: anonymise` or remove the block")
+        anonymisation = _anonymisation(spec, where, system, events, bindings, check)
     identifiers = []
     raw_identifiers = spec.get("identifiers") or _empty_mapping()
     if check.mapping(raw_identifiers, spec.line_of("identifiers"), f"{where}: identifiers"):
@@ -587,7 +641,137 @@ def _table(system: str, name: str, spec: dict, system_events: dict, rules: dict,
     subject = spec.get("subject")
     blast_radius = _blast_radius(spec, None, where, check) if "blast_radius" in spec else None
     return TableSpec(system, name, tuple(pk), subject, lookups, events, tuple(bindings), on_expiry,
-                     check.file, spec.line, tuple(identifiers), blast_radius)
+                     check.file, spec.line, tuple(identifiers), blast_radius, anonymisation)
+
+
+def _anonymisation(table: dict, where: str, system: str, events: dict, bindings: list,
+                   check: _Checker) -> Anonymisation | None:
+    raw = table["anonymise"]
+    where = f"{where}: anonymise"
+    if not check.mapping(raw, table.line_of("anonymise"), where):
+        return None
+    if not check.keys(raw, where, ("dataset", "person", "quasi_identifiers"),
+                      ("label", "sensitive", "measures", "k", "l", "release", "max_suppressed")):
+        return None
+    ok = check.name(raw["dataset"], raw.line_of("dataset"), f"{where}: dataset")
+    numbers = {}
+    for key, default, low in (("k", 5, 2), ("l", 2, 1)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            check.problem(raw.line_of(key), f"{where}: {key} must be a whole number of at least {low}",
+                          f"e.g. `{key}: {default}` (k: people per group; l: distinct sensitive values per group)")
+            ok = False
+        numbers[key] = value
+    share = raw.get("max_suppressed", 0.05)
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share < 1:
+        check.problem(raw.line_of("max_suppressed"), f"{where}: max_suppressed must be a share from 0 to below 1",
+                      "e.g. `max_suppressed: 0.05`: climb the ladders until at most 5% of records are suppressed")
+        ok = False
+    release = raw.get("release", "aggregates")
+    if release not in RELEASES:
+        check.problem(raw.line_of("release"), f"{where}: unknown `release: {release}`", f"use one of: {', '.join(RELEASES)}")
+        ok = False
+    # Row-level data is an exception (REFERENCE: aggregates by default); a rule that promises deletion
+    # tolerates anonymous aggregates, not records, even generalised ones.
+    strict = [b.rule.name for b in bindings if b.rule.then == "delete" and not b.fields]
+    if release == "microdata" and strict:
+        check.problem(raw.line_of("release"), f"{where}: rule(s) {', '.join(strict)} end with delete, "
+                      "so no row-level release of these records is allowed",
+                      "use `release: aggregates`, or change the rule's `then` if the policy allows anonymising")
+        ok = False
+
+    def attribute(name, spec, line, kind, extra=()):
+        if not check.mapping(spec, line, f"{where}: {kind} {name}"):
+            return None
+        label = f"{where}: {kind} {name}"
+        if "event" in spec:
+            if not check.keys(spec, label, ("event",), extra):
+                return None
+            if spec["event"] not in events:
+                check.problem(spec.line_of("event"), f"{label}: unknown event {spec['event']!r}",
+                              f"use an event of the system or table: {', '.join(sorted(events))}")
+                return None
+            return Attribute(str(name), event=str(spec["event"]))
+        item = _item(spec, line, system, label, check, extra, ("aggregate",))
+        if item is None:
+            return None
+        aggregate = "max"
+        if item.related is not None:
+            aggregate = spec["related"].get("aggregate", "max")
+            if aggregate not in AGGREGATES:
+                check.problem(spec["related"].line_of("aggregate"), f"{label}: unknown aggregate {aggregate!r}",
+                              f"use one of: {', '.join(AGGREGATES)}")
+                return None
+        return Attribute(str(name), column=item.column, related=item.related, aggregate=aggregate)
+
+    qis = []
+    for name, spec in check.entries(raw, "quasi_identifiers", "quasi-identifier"):
+        attr = attribute(name, spec, raw["quasi_identifiers"].line_of(name), "quasi-identifier", ("ladder",))
+        ladder = _ladder(spec, f"{where}: quasi-identifier {name}", check) if attr else None
+        if attr and ladder:
+            qis.append(QuasiIdentifier(attr, ladder))
+        else:
+            ok = False
+    if not raw.get("quasi_identifiers"):
+        check.problem(raw.line_of("quasi_identifiers"), f"{where}: no quasi-identifier",
+                      "list the attributes a release is broken down by, each with its ladder")
+        ok = False
+    sensitive = []
+    for name, spec in check.entries(raw, "sensitive", "sensitive attribute"):
+        attr = attribute(name, spec, raw["sensitive"].line_of(name), "sensitive attribute", ("values",))
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            check.problem(spec.line_of("values"), f"{where}: sensitive attribute {name} needs `values`",
+                          "list its categories, e.g. `values: [paid, unpaid]`: they fix the release's columns")
+            ok = False
+        elif attr:
+            sensitive.append(Sensitive(attr, tuple(str(v) for v in values)))
+    measures = []
+    for name, spec in check.entries(raw, "measures", "measure"):
+        attr = attribute(name, spec, raw["measures"].line_of(name), "measure")
+        if attr:
+            measures.append(attr)
+    if measures and release == "microdata":
+        check.problem(raw.line_of("measures"), f"{where}: measures are summed per group, which a row-level release has not",
+                      "declare the amount as a quasi-identifier with bands, or use `release: aggregates`")
+        ok = False
+    names = [a.name for a in [q.attribute for q in qis] + [s.attribute for s in sensitive] + measures]
+    clashing = sorted({n for n in names if names.count(n) > 1} | ({"persons", "records"} & set(names)))
+    if clashing:
+        check.problem(raw.line, f"{where}: column name(s) {', '.join(clashing)} used twice or reserved",
+                      "give each quasi-identifier, sensitive attribute and measure its own name "
+                      "(persons and records are the release's counts)")
+        ok = False
+    if not ok:
+        return None
+    return Anonymisation(str(raw["dataset"]), str(raw.get("label", raw["dataset"])), str(raw["person"]),
+                         tuple(qis), tuple(sensitive), tuple(measures), numbers["k"], numbers["l"], release,
+                         float(share), raw.line)
+
+
+def _ladder(spec: dict, where: str, check: _Checker) -> tuple | None:
+    raw = spec.get("ladder")
+    if not isinstance(raw, list) or not raw:
+        check.problem(spec.line_of("ladder"), f"{where}: `ladder` must list generalisation steps",
+                      f"e.g. `ladder: [month, quarter, year, \"*\"]`; steps: {', '.join(LADDER_STEPS)} or {{bands: [0, 10, 50]}}")
+        return None
+    steps = []
+    for step in raw:
+        if isinstance(step, dict) and set(step) == {"bands"}:
+            edges = step["bands"]
+            if (isinstance(edges, list) and edges and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                                          for e in edges) and edges == sorted(set(edges))):
+                steps.append(("bands", tuple(edges)))
+                continue
+            check.problem(spec.line_of("ladder"), f"{where}: bands {edges!r} must be increasing numbers",
+                          "e.g. `{bands: [0, 10, 50, 250]}` gives 0-9, 10-49, 50-249, 250+")
+            return None
+        if step not in LADDER_STEPS:
+            check.problem(spec.line_of("ladder"), f"{where}: unknown ladder step {step!r}",
+                          f"use {', '.join(LADDER_STEPS)} or {{bands: [...]}}")
+            return None
+        steps.append(str(step))
+    return tuple(steps)
 
 
 def _blast_radius(parent: dict, default: BlastRadius | None, where: str, check: _Checker) -> BlastRadius:

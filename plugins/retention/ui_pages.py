@@ -11,6 +11,7 @@ from sqlalchemy import select
 from . import report
 from .audit import AuditStore, all_keys
 from .connections import retention_home
+from .decide import CHANGING
 from .pipeline import safe_name
 from .rules import load_rules
 
@@ -36,13 +37,13 @@ def runs_page() -> str:
     body = []
     for run_id, as_of, mode, finished, raw in rows:
         applied = json.loads(raw).get("applied") or {}
-        totals = [sum(s.get(a, 0) for s in applied.values()) for a in ("delete", "strip", "archive")]
+        totals = [sum(s.get(a, 0) for s in applied.values()) for a in CHANGING]
         link = f"runs/{html.escape(run_id, quote=True)}"
         body.append(f"<tr><td><a href='{link}'>{html.escape(run_id)}</a></td><td>{html.escape(as_of)}</td>"
                     f"<td>{html.escape(mode)}</td><td>{finished:%Y-%m-%d %H:%M}</td>"
                     + "".join(f"<td>{n}</td>" for n in totals) + "</tr>")
     table = ("<table><thead><tr><th>run</th><th>as of</th><th>mode</th><th>finished (UTC)</th><th>deleted</th>"
-             "<th>stripped</th><th>archived</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>"
+             "<th>anonymised</th><th>stripped</th><th>archived</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>"
              if body else "<p>No enforced run recorded yet.</p>")
     style = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}")

@@ -1,0 +1,107 @@
+"""Read what anonymisation needs of the records due for it: their quasi-identifiers, sensitive
+attributes and measures, in chunks of keys, into one pandas frame held in memory only.
+
+Nothing read here is written anywhere: the frame goes straight to generalisation, and only the
+release built from it (checked) leaves the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pandas as pd
+from sqlalchemy import and_, func, select, tuple_
+
+from .durations import as_date
+from .generalise import OTHER, PERSON
+from .rules import Attribute, Related, TableSpec
+from .sources import Sources
+
+_AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": func.count}
+
+
+def attribute_frame(sources: Sources, table: TableSpec, rows: list[dict], chunk: int) -> pd.DataFrame:
+    """One row per record due for anonymisation (`rows` as staged by the decide step: key, archived
+    flag, event dates), in the order given, with the person column and every declared attribute."""
+    spec = table.anonymise
+    own = [a for a in spec.attributes() if a.column]
+    related = [a for a in spec.attributes() if a.related]
+    columns = list(dict.fromkeys([spec.person] + [a.column for a in own] + [a.related.local for a in related]))
+    records: list[dict] = []
+    for part in _chunks(rows, chunk):
+        found: dict = {}
+        for archived in (False, True):
+            keys = [tuple(r["k"]) for r in part if bool(r["a"]) == archived]
+            if keys:
+                found.update(_own_values(sources, table, keys, columns, archived))
+        values = [found.get(tuple(r["k"]), {}) for r in part]
+        for attr in related:
+            links = {v.get(attr.related.local) for v in values} - {None}
+            totals = _related_aggregate(sources, attr.related, attr.aggregate, links)
+            for v in values:
+                v[f"__rel__{attr.name}"] = totals.get(v.get(attr.related.local))
+        for r, v in zip(part, values):
+            record = {PERSON: v.get(spec.person)}
+            for attr in spec.attributes():
+                if attr.event:
+                    day = (r.get("e") or {}).get(attr.event)
+                    record[attr.name] = as_date(day) if day else None
+                elif attr.column:
+                    record[attr.name] = v.get(attr.column)
+                else:
+                    record[attr.name] = v.get(f"__rel__{attr.name}")
+            records.append(record)
+    frame = pd.DataFrame.from_records(records, columns=[PERSON] + [a.name for a in spec.attributes()])
+    for s in spec.sensitive:
+        frame[s.attribute.name] = _categories(frame[s.attribute.name], s.attribute, s.values)
+    for m in spec.measures:
+        numbers = pd.to_numeric(frame[m.name].map(lambda x: None if x is None else float(x)), errors="coerce")
+        frame[m.name] = numbers.fillna(0.0) if m.aggregate in ("sum", "count") else numbers
+    return frame
+
+
+def _categories(values: pd.Series, attr: Attribute, declared: tuple) -> pd.Series:
+    if attr.aggregate == "any" and attr.related:
+        values = values.map(lambda n: "yes" if n else "no")
+    text = values.map(lambda v: None if v is None else str(v))
+    return text.where(text.isin(declared), OTHER).astype(object)
+
+
+def _chunks(rows: list[dict], size: int) -> Iterator[list[dict]]:
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+def _own_values(sources: Sources, table: TableSpec, keys: list[tuple], columns: list[str], archived: bool) -> dict:
+    source = sources.archive(table.system, table.name) if archived else sources.table(table.system, table.name)
+    if source is None:
+        return {}
+    pk = [source.c[name] for name in table.primary_key]
+    condition = pk[0].in_([k[0] for k in keys]) if len(pk) == 1 else tuple_(*pk).in_(keys)
+    query = select(*pk, *[source.c[c] for c in columns if c not in table.primary_key]).where(condition)
+    with sources.engine(table.system).connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(query)]
+    return {tuple(row[name] for name in table.primary_key): row for row in rows}
+
+
+def _related_aggregate(sources: Sources, rel: Related, aggregate: str, links: set) -> dict:
+    """{link value: aggregate of the related column} over live and archived related rows."""
+    if not links:
+        return {}
+    totals: dict = {}
+    live = sources.table(rel.system, rel.table)
+    archive = sources.archive(rel.system, rel.table)
+    for source in [live] + ([archive] if archive is not None else []):
+        link = source.c[rel.remote]
+        conditions = [link.in_(sorted(links, key=str))] + [source.c[c].in_(v) for c, v in rel.where]
+        query = select(link, _AGGREGATES[aggregate](source.c[rel.column])).where(and_(*conditions)).group_by(link)
+        with sources.engine(rel.system).connect() as conn:
+            for value, total in conn.execute(query):
+                if total is None:
+                    continue
+                previous = totals.get(value)
+                if previous is None:
+                    totals[value] = total
+                else:
+                    totals[value] = max(previous, total) if aggregate == "max" else previous + total
+    return totals

@@ -1,0 +1,203 @@
+"""Generalise expiring records until every group is k-anonymous and l-diverse, then build the release.
+
+Plain pandas over a frame with one row per record: the hidden `__person` column (to count people,
+never released), one column per quasi-identifier (raw values), per sensitive attribute (declared
+categories) and per measure. Global recoding, Datafly-style: while more than `max_suppressed` of the
+records sit in failing groups, the quasi-identifier with the most distinct values climbs one step of
+its ladder; the groups that still fail are suppressed, never released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .rules import Anonymisation
+
+PERSON = "__person"
+UNKNOWN = "unknown"
+OTHER = "other"
+
+_REGIONS = {
+    "Auvergne-Rhône-Alpes": "01 03 07 15 26 38 42 43 63 69 73 74",
+    "Bourgogne-Franche-Comté": "21 25 39 58 70 71 89 90",
+    "Bretagne": "22 29 35 56",
+    "Centre-Val de Loire": "18 28 36 37 41 45",
+    "Corse": "2A 2B",
+    "Grand Est": "08 10 51 52 54 55 57 67 68 88",
+    "Hauts-de-France": "02 59 60 62 80",
+    "Île-de-France": "75 77 78 91 92 93 94 95",
+    "Normandie": "14 27 50 61 76",
+    "Nouvelle-Aquitaine": "16 17 19 23 24 33 40 47 64 79 86 87",
+    "Occitanie": "09 11 12 30 31 32 34 46 48 65 66 81 82",
+    "Pays de la Loire": "44 49 53 72 85",
+    "Provence-Alpes-Côte d'Azur": "04 05 06 13 83 84",
+    "Guadeloupe": "971", "Martinique": "972", "Guyane": "973", "La Réunion": "974", "Mayotte": "976",
+}
+REGION_OF = {dep: region for region, deps in _REGIONS.items() for dep in deps.split()}
+
+
+@dataclass
+class Release:
+    data: pd.DataFrame  # what the statistics store receives
+    profile: pd.DataFrame  # per released group: persons and distinct sensitive values (validated)
+    suppressed: pd.Series  # per input record: True when its group failed and it was left out
+    evidence: dict
+
+
+def departement_of(value) -> str:
+    """The département of a postcode (or of a département code given as is)."""
+    text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip().upper()
+    if not text or text == "NAN":
+        return UNKNOWN
+    if text in ("2A", "2B") or (len(text) <= 3 and text.isdigit() and len(text) != 3):
+        return text.zfill(2)
+    if text.startswith(("97", "98")):
+        return text[:3]
+    if text.startswith("20") and text.isdigit():
+        return "2A" if text < "20200" else "2B"  # Corsica: 200xx-201xx Corse-du-Sud, 202xx-206xx Haute-Corse
+    return text[:2]
+
+
+def generalise(values: pd.Series, step) -> pd.Series:
+    """Values at one step of a ladder, as strings; missing values become "unknown"."""
+    if step == "*":
+        return pd.Series("*", index=values.index, dtype=object)
+    if isinstance(step, tuple):
+        return _bands(values, step[1])
+    if step in ("month", "quarter", "year"):
+        days = pd.to_datetime(values, errors="coerce")
+        if step == "month":
+            out = days.dt.strftime("%Y-%m")
+        elif step == "quarter":
+            out = days.dt.year.astype("Int64").astype(str) + "-Q" + days.dt.quarter.astype("Int64").astype(str)
+        else:
+            out = days.dt.year.astype("Int64").astype(str)
+        return out.where(days.notna(), UNKNOWN).astype(object)
+    if step in ("departement", "region"):
+        mapping = {v: departement_of(v) for v in values.dropna().unique()}
+        deps = values.map(mapping).astype(object).fillna(UNKNOWN)
+        return deps.map(lambda d: REGION_OF.get(d, UNKNOWN)).astype(object) if step == "region" else deps.astype(object)
+    return values.map(lambda v: UNKNOWN if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)).astype(object)
+
+
+def _bands(values: pd.Series, edges: tuple) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    whole = all(float(e).is_integer() for e in edges)
+    labels = [f"<{_num(edges[0])}"]
+    for low, high in zip(edges, edges[1:]):
+        labels.append(f"{_num(low)}-{_num(high - 1)}" if whole else f"{_num(low)}-{_num(high)}")
+    labels.append(f"{_num(edges[-1])}+")
+    bins = [float("-inf"), *edges, float("inf")]
+    out = pd.cut(numbers, bins=bins, labels=labels, right=False).astype(object)
+    return out.where(numbers.notna(), UNKNOWN)
+
+
+def _num(value) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def release_columns(spec: Anonymisation) -> list[str]:
+    """The declared output schema: nothing else may appear in a release."""
+    qis = [q.attribute.name for q in spec.quasi_identifiers]
+    sensitive = [s.attribute.name for s in spec.sensitive]
+    if spec.release == "microdata":
+        return qis + sensitive
+    counts = [f"{s.attribute.name}__{v}" for s in spec.sensitive for v in (*s.values, OTHER)]
+    return qis + ["persons", "records"] + [m.name for m in spec.measures] + counts
+
+
+def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
+    qis = [q.attribute.name for q in spec.quasi_identifiers]
+    sensitive = [s.attribute.name for s in spec.sensitive]
+    measures = [m.name for m in spec.measures]
+    levels = {name: 0 for name in qis}
+    ladders = {q.attribute.name: q.ladder for q in spec.quasi_identifiers}
+    steps: dict = {}  # (attribute, level) -> generalised values, each computed once
+
+    def at(name: str, level: int) -> pd.Series:
+        if (name, level) not in steps:
+            steps[(name, level)] = generalise(frame[name], ladders[name][level])
+        return steps[(name, level)]
+
+    def trial(chosen: dict) -> tuple[pd.DataFrame, pd.Series]:
+        coarse = pd.DataFrame({name: at(name, chosen[name]) for name in qis}, index=frame.index)
+        return coarse, _passing(coarse, frame, spec, sensitive)
+
+    coarse, passing = trial(levels)
+    while len(frame) and 1 - passing.mean() > spec.max_suppressed:
+        climbable = [name for name in qis if levels[name] < len(ladders[name]) - 1]
+        if not climbable:
+            break
+        # One step up for the attribute whose climb lets the most records through; on a tie, the one
+        # that splits records most (it loses the least information per group gained).
+        options = {name: trial({**levels, name: levels[name] + 1}) for name in climbable}
+        best = max(climbable, key=lambda name: (options[name][1].sum(), coarse[name].nunique()))
+        levels[best] += 1
+        coarse, passing = options[best]
+
+    released = pd.concat([coarse[passing], frame.loc[passing, [PERSON, *sensitive, *measures]]], axis=1)
+    if spec.release == "microdata":
+        # Random order: a row's position never links it to a record or to another release.
+        data = released[qis + sensitive].sample(frac=1).reset_index(drop=True)
+    else:
+        data = _aggregate(released, qis, spec)
+    data = data.reindex(columns=release_columns(spec))
+    grouped = released.groupby(qis, sort=True, dropna=False)
+    profile = grouped[PERSON].nunique().rename("persons").to_frame()
+    for name in sensitive:
+        profile[f"{name}_distinct"] = grouped[name].nunique()
+    profile = profile.reset_index(drop=True)
+
+    raw_differs = pd.Series(False, index=frame.index)
+    for name in qis:
+        raw = frame[name].map(lambda v: UNKNOWN if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+        raw_differs |= raw != coarse[name]
+    evidence = {
+        "dataset": spec.dataset, "label": spec.label, "release": spec.release, "k": spec.k, "l": spec.l,
+        "quasi_identifiers": {name: _step_label(ladders[name][levels[name]]) for name in qis},
+        "ladder_steps_climbed": {name: levels[name] for name in qis},
+        "sensitive": sensitive,
+        "records_in": int(len(frame)), "persons_in": int(frame[PERSON].nunique()),
+        "records_released": int(passing.sum()), "records_suppressed": int((~passing).sum()),
+        "persons_suppressed": int(frame.loc[~passing, PERSON].nunique()),
+        "rows_generalised": int((raw_differs & passing).sum()),
+        "groups_released": int(len(profile)),
+        "k_achieved": int(profile["persons"].min()) if len(profile) else None,
+        "l_achieved": (int(min(profile[f"{s}_distinct"].min() for s in sensitive))
+                       if len(profile) and sensitive else None),
+        "measures": {m: {"in": round(float(frame[m].sum()), 2), "released": round(float(released[m].sum()), 2),
+                         "suppressed": round(float(frame.loc[~passing, m].sum()), 2)} for m in measures},
+    }
+    return Release(data, profile, ~passing, evidence)
+
+
+def _passing(coarse: pd.DataFrame, frame: pd.DataFrame, spec: Anonymisation, sensitive: list[str]) -> pd.Series:
+    """Per record: whether its group holds k people and l distinct values of each sensitive attribute."""
+    keys = [coarse[c] for c in coarse.columns]
+    passing = frame[PERSON].groupby(keys, dropna=False).transform("nunique") >= spec.k
+    for name in sensitive:
+        passing &= frame[name].groupby(keys, dropna=False).transform("nunique") >= spec.l
+    return passing
+
+
+def _aggregate(released: pd.DataFrame, qis: list[str], spec: Anonymisation) -> pd.DataFrame:
+    counts = {}
+    for s in spec.sensitive:
+        name = s.attribute.name
+        for value in (*s.values, OTHER):
+            counts[f"{name}__{value}"] = (released[name] == value).astype("int64")
+    frame = pd.concat([released, pd.DataFrame(counts, index=released.index)], axis=1)
+    grouped = frame.groupby(qis, sort=True, dropna=False)
+    out = grouped[PERSON].nunique().rename("persons").to_frame()
+    out["records"] = grouped.size()
+    for m in spec.measures:
+        out[m.name] = grouped[m.name].sum().round(2)
+    for column in counts:
+        out[column] = grouped[column].sum()
+    return out.reset_index()
+
+
+def _step_label(step) -> str:
+    return "bands " + ", ".join(_num(e) for e in step[1]) if isinstance(step, tuple) else step
