@@ -89,7 +89,12 @@ def _outcome(home: Path) -> dict:
     with sqlite3.connect(home / "audit.sqlite") as conn:
         state["audit"] = sorted(map(repr, conn.execute(
             "SELECT as_of, system, table_name, record_hash, subject_hash, action, rules, purposes, fields, reason "
-            "FROM retention_audit WHERE action != 'guard_override'")))
+            "FROM retention_audit WHERE action NOT IN ('guard_override', 'anonymisation_release')")))
+    with sqlite3.connect(home / "statistics.sqlite") as conn:  # the releases, less their run-named ids
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'stats_%'"):
+            rows = conn.execute(f'SELECT * FROM "{table}"')
+            keep = [i for i, d in enumerate(rows.description) if d[0] != "release_id"]
+            state[f"statistics.{table}"] = sorted(repr([r[i] for i in keep]) for r in rows)
     return state
 
 

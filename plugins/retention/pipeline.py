@@ -311,7 +311,7 @@ def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, ro
     data = json.loads(release.data.to_json(orient="records", date_format="iso")) if ok else []
     _write_json(_staging(run, system, f"release_{table.name}", ".json"), {"evidence": evidence, "rows": data})
     suppressed_keys = {json.dumps(rows[i]["k"], default=str) for i, flag in enumerate(release.suppressed) if flag}
-    released = f"; anonymised into {spec.dataset} release {release_id}" if ok else ""
+    released = f"; anonymised into {spec.dataset} (this run's release)" if ok else ""
     suppressed = (f"; deleted without feeding {spec.dataset}: its group stayed below k={spec.k} people or "
                   f"l={spec.l} distinct values (suppressed)")
     return evidence, (released, suppressed_keys, suppressed)
