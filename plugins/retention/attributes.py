@@ -62,7 +62,7 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: list[dict], chunk:
 
 def _categories(values: pd.Series, attr: Attribute, declared: tuple) -> pd.Series:
     if attr.aggregate == "any" and attr.related:
-        values = values.map(lambda n: "yes" if n else "no")
+        values = values.map(lambda n: "yes" if n is not None and not pd.isna(n) and n > 0 else "no")
     text = values.map(lambda v: None if v is None else str(v))
     return text.where(text.isin(declared), OTHER).astype(object)
 

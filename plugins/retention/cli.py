@@ -6,6 +6,7 @@ Exit codes scripts can rely on:
   5 the audit trail failed verification (the first bad entry is named)
   6 the blast-radius guard stopped the run before any change (rerun with --force if intended)
   7 another run is enforcing (runs never overlap)
+  8 a release of statistics failed validation (anonymisation): nothing was written or deleted
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from .durations import DurationError, parse_as_of
 from .audit import AuditKeyMissing
 from .guard import BlastRadiusExceeded
 from .holds import HoldNotFound
+from .pipeline import ReleaseRejected
 from .run_lock import RunInProgress
 from .rules import RulesError, load_rules
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED, EXIT_GUARD, EXIT_BUSY = range(8)
+(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED, EXIT_GUARD, EXIT_BUSY,
+ EXIT_RELEASE) = range(9)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except BlastRadiusExceeded as exc:
         err.print(f"[bold red]Stopped by the blast-radius guard[/]: {exc}")
         return EXIT_GUARD
+    except ReleaseRejected as exc:
+        err.print(f"[bold red]A release of statistics failed validation[/]: {exc}", markup=True)
+        return EXIT_RELEASE
     except RunInProgress as exc:
         err.print(f"[bold red]Not started[/]: {exc}")
         return EXIT_BUSY

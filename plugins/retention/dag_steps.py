@@ -165,13 +165,13 @@ def guard(context) -> dict:
 
     from .audit import audit_key
     from .guard import BlastRadiusExceeded
-    from .pipeline import guard_run
+    from .pipeline import ReleaseRejected, guard_run
     from .rules import load_rules
 
     run = run_from_context(context)
     try:
         return guard_run(load_rules(), run, audit_key(use_airflow=True), use_airflow=True)
-    except BlastRadiusExceeded as exc:
+    except (BlastRadiusExceeded, ReleaseRejected) as exc:
         raise AirflowFailException(str(exc)) from None
 
 

@@ -2,14 +2,16 @@
 
 Plain pandas over a frame with one row per record: the hidden `__person` column (to count people,
 never released), one column per quasi-identifier (raw values), per sensitive attribute (declared
-categories) and per measure. Global recoding, Datafly-style: while more than `max_suppressed` of the
-records sit in failing groups, the quasi-identifier with the most distinct values climbs one step of
-its ladder; the groups that still fail are suppressed, never released.
+categories) and per measure. Global recoding over the lattice of ladder steps: the ladders climb together
+one step at a time (every combination of that many steps is tried) until at most `max_suppressed`
+of the records sit in groups that fail k or l; among the combinations that first get there, the one
+releasing the most groups wins. Groups that still fail are suppressed, never released.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import pandas as pd
 
@@ -79,7 +81,17 @@ def generalise(values: pd.Series, step) -> pd.Series:
         mapping = {v: departement_of(v) for v in values.dropna().unique()}
         deps = values.map(mapping).astype(object).fillna(UNKNOWN)
         return deps.map(lambda d: REGION_OF.get(d, UNKNOWN)).astype(object) if step == "region" else deps.astype(object)
-    return values.map(lambda v: UNKNOWN if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)).astype(object)
+    return values.map(as_text).astype(object)
+
+
+def as_text(value) -> str:
+    """A raw value as released at the `value` step: whole numbers without a decimal part (a column
+    with NULLs arrives as floats), missing values as "unknown"."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return UNKNOWN
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _bands(values: pd.Series, edges: tuple) -> pd.Series:
@@ -125,17 +137,20 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
         coarse = pd.DataFrame({name: at(name, chosen[name]) for name in qis}, index=frame.index)
         return coarse, _passing(coarse, frame, spec, sensitive)
 
+    lattice = sorted(product(*(range(len(ladders[name])) for name in qis)), key=sum)
     coarse, passing = trial(levels)
-    while len(frame) and 1 - passing.mean() > spec.max_suppressed:
-        climbable = [name for name in qis if levels[name] < len(ladders[name]) - 1]
-        if not climbable:
-            break
-        # One step up for the attribute whose climb lets the most records through; on a tie, the one
-        # that splits records most (it loses the least information per group gained).
-        options = {name: trial({**levels, name: levels[name] + 1}) for name in climbable}
-        best = max(climbable, key=lambda name: (options[name][1].sum(), coarse[name].nunique()))
-        levels[best] += 1
-        coarse, passing = options[best]
+    climbed = 0
+    while len(frame) and 1 - passing.mean() > spec.max_suppressed and climbed < sum(lattice[-1]):
+        climbed += 1
+        options = []
+        for node in (n for n in lattice if sum(n) == climbed):
+            tried_coarse, tried_passing = trial(dict(zip(qis, node)))
+            groups = tried_coarse[tried_passing].drop_duplicates().shape[0]
+            options.append((1 - tried_passing.mean() <= spec.max_suppressed, tried_passing.sum(), groups,
+                            node, tried_coarse, tried_passing))
+        # Within the budget first; then the most records let through, then the most groups kept.
+        *_, node, coarse, passing = max(options, key=lambda o: o[:3])
+        levels = dict(zip(qis, node))
 
     released = pd.concat([coarse[passing], frame.loc[passing, [PERSON, *sensitive, *measures]]], axis=1)
     if spec.release == "microdata":
@@ -152,8 +167,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
 
     raw_differs = pd.Series(False, index=frame.index)
     for name in qis:
-        raw = frame[name].map(lambda v: UNKNOWN if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
-        raw_differs |= raw != coarse[name]
+        raw_differs |= frame[name].map(as_text) != coarse[name]
     evidence = {
         "dataset": spec.dataset, "label": spec.label, "release": spec.release, "k": spec.k, "l": spec.l,
         "quasi_identifiers": {name: _step_label(ladders[name][levels[name]]) for name in qis},

@@ -254,7 +254,7 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     """Build the release of every dataset of the system with records due for anonymisation: read
     their attributes, generalise, validate (Great Expectations). Nothing is written outside the
     run's staging files: the apply step writes the release, then deletes the records. A release
-    that fails validation keeps all its records, and the run fails saying why."""
+    that fails validation stops the run at the guard, before any change."""
     tables = {n: t for n, t in rules.system(system).tables.items() if t.anonymise}
     due: dict = {name: [] for name in tables}
     if tables:
@@ -272,8 +272,6 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
         for row in _read_lines(_staging(run, system, "decisions")):
             if row["action"] == ANONYMISE:
                 released, suppressed_keys, suppressed = notes[row["t"]]
-                if not released:
-                    continue  # its release was rejected: the record stays
                 row["reason"] += suppressed if json.dumps(row["k"], default=str) in suppressed_keys else released
             out.write(json.dumps(row, default=str) + "\n")
     return outcomes
@@ -311,7 +309,7 @@ def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, ro
     data = json.loads(release.data.to_json(orient="records", date_format="iso")) if ok else []
     _write_json(_staging(run, system, f"release_{table.name}", ".json"), {"evidence": evidence, "rows": data})
     suppressed_keys = {json.dumps(rows[i]["k"], default=str) for i, flag in enumerate(release.suppressed) if flag}
-    released = f"; anonymised into {spec.dataset} (this run's release)" if ok else ""
+    released = f"; anonymised into {spec.dataset} (this run's release)"
     suppressed = (f"; deleted without feeding {spec.dataset}: its group stayed below k={spec.k} people or "
                   f"l={spec.l} distinct values (suppressed)")
     return evidence, (released, suppressed_keys, suppressed)
@@ -324,9 +322,21 @@ def read_tally(run: Run, system: str) -> Tally:
 # ---------------------------------------------------------------- guard
 
 
+class ReleaseRejected(Exception):
+    """A release of statistics failed validation: the run stops before any change, forced or not."""
+
+
 def guard_run(rules: Rules, run: Run, key: bytes, use_airflow: bool = False) -> dict:
-    """Stop before any change if a table would change beyond its limits, unless forced; a forced
-    override is written to the audit trail. A dry run reports what the guard would do."""
+    """Stop before any change if a release of statistics failed validation, or if a table would
+    change beyond its limits, unless forced; a forced override is written to the audit trail. A dry
+    run reports what the guard would do."""
+    rejected = [f"{r['system']}.{r['table']}: release of {r['dataset']} rejected "
+                f"({r['problem'] or '; '.join(r['validation']['failures'])})"
+                for system in run.systems for r in _read_json(_staging(run, system, "anonymised", ".json"))
+                if r["status"] == "rejected"]
+    if rejected and not run.dry_run:
+        raise ReleaseRejected("nothing was written or deleted: " + "; ".join(rejected)
+                              + ". Fix the data or the dataset's ladders in the rules, then run again.")
     tally = Tally()
     for system in run.systems:
         tally.merge(read_tally(run, system))
@@ -472,7 +482,7 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None
     held = read_holds(run) if (run.directory / "holds.json").exists() else {}
     summary = summarize(rules, run, tally, applied, len(held))
     summary["anonymisation"] = releases
-    missing += [f"{r['system']}.{r['table']}: release of {r['dataset']} rejected, its records were kept "
+    missing += [f"{r['system']}.{r['table']}: release of {r['dataset']} rejected, so nothing was changed "
                 f"({r['problem'] or '; '.join(r['validation']['failures'])})" for r in releases if r["status"] == "rejected"]
     reasons: Counter = Counter(scope.reason for scopes in held.values() for scope in scopes)
     summary["hold_reasons"] = dict(reasons)
