@@ -107,7 +107,7 @@ def backend(request, retention_home, monkeypatch):
     result.dispose()
 
 
-def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=False):
+def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=False, rules_dir=RULES):
     """One whole run through the same entry point as the CLI. A first run over seeded data is a
     backlog and needs `force` past the blast-radius guard, as it would in production."""
     from datetime import date
@@ -115,7 +115,7 @@ def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=Fals
     from retention.pipeline import Run, execute
     from retention.rules import load_rules
 
-    rules = load_rules(RULES)
+    rules = load_rules(rules_dir)
     as_of = date.fromisoformat(as_of) if isinstance(as_of, str) else as_of
     run = Run(run_id=f"test__{as_of}__{next(_counter)}", as_of=as_of, systems=list(systems or SYSTEMS),
               dry_run=dry_run, batch_size=batch_size, kind="test", force=force)

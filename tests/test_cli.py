@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
 from retention import audit
 from retention.demo.seed import personal_values, seed
@@ -118,6 +119,9 @@ def test_no_personal_value_in_any_output(seeded, retention_home):
                 for p in pdfs]
     written += [json.dumps(r, default=str) for r in seeded.rows("audit", "retention_audit")]
     written += [json.dumps(r, default=str) for r in seeded.rows("audit", "retention_runs")]
+    statistics = inspect(seeded.engines["statistics"]).get_table_names()  # releases and their evidence
+    assert "retention_releases" in statistics and any(t.startswith("stats_") for t in statistics)
+    written += [json.dumps(r, default=str) for t in statistics for r in seeded.rows("statistics", t)]
     text = "\n".join(written)
     pattern = re.compile("|".join(re.escape(v) for v in sorted(canaries, key=len, reverse=True)))
     leaks = set(pattern.findall(text))
