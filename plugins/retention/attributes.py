@@ -7,9 +7,12 @@ release built from it (checked) leaves the process.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import date, datetime
+from itertools import islice
 
 import pandas as pd
+from pandas.api.types import union_categoricals
 from sqlalchemy import and_, func, select, tuple_
 
 from .durations import as_date
@@ -20,15 +23,29 @@ from .sources import Sources
 _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": func.count}
 
 
-def attribute_frame(sources: Sources, table: TableSpec, rows: list[dict], chunk: int) -> pd.DataFrame:
+def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable[dict], chunk: int) -> pd.DataFrame:
     """One row per record due for anonymisation (`rows` as staged by the decide step: key, archived
-    flag, event dates), in the order given, with the person column and every declared attribute."""
+    flag, event dates), in the order given, with the person column and every declared attribute.
+    Rows are read chunk by chunk; text columns are held as categories, so the frame stays compact
+    whatever the number of records."""
+    parts = [_part(sources, table, part) for part in _chunks(rows, chunk)]
+    if not parts:
+        return _typed(pd.DataFrame(columns=[PERSON] + [a.name for a in table.anonymise.attributes()]), table)
+    columns = {}
+    for name in parts[0].columns:
+        pieces = [p[name] for p in parts]
+        columns[name] = (pd.Series(union_categoricals(pieces)) if isinstance(pieces[0].dtype, pd.CategoricalDtype)
+                         else pd.concat(pieces, ignore_index=True))
+    return pd.DataFrame(columns)
+
+
+def _part(sources: Sources, table: TableSpec, part: list[dict]) -> pd.DataFrame:
     spec = table.anonymise
     own = [a for a in spec.attributes() if a.column]
     related = [a for a in spec.attributes() if a.related]
     columns = list(dict.fromkeys([spec.person] + [a.column for a in own] + [a.related.local for a in related]))
     records: list[dict] = []
-    for part in _chunks(rows, chunk):
+    if part:
         found: dict = {}
         for archived in (False, True):
             keys = [tuple(r["k"]) for r in part if bool(r["a"]) == archived]
@@ -51,12 +68,24 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: list[dict], chunk:
                 else:
                     record[attr.name] = v.get(f"__rel__{attr.name}")
             records.append(record)
-    frame = pd.DataFrame.from_records(records, columns=[PERSON] + [a.name for a in spec.attributes()])
+    return _typed(pd.DataFrame.from_records(records, columns=[PERSON] + [a.name for a in spec.attributes()]), table)
+
+
+def _typed(frame: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
+    spec = table.anonymise
     for s in spec.sensitive:
         frame[s.attribute.name] = _categories(frame[s.attribute.name], s.attribute, s.values)
     for m in spec.measures:
         numbers = pd.to_numeric(frame[m.name].map(lambda x: None if x is None else float(x)), errors="coerce")
         frame[m.name] = numbers.fillna(0.0) if m.aggregate in ("sum", "count") else numbers
+    for name in frame.columns:
+        if frame[name].dtype != object:
+            continue
+        sample = frame[name].dropna()
+        if len(sample) and isinstance(sample.iloc[0], (date, datetime)):
+            frame[name] = pd.to_datetime(frame[name], errors="coerce")
+        else:
+            frame[name] = frame[name].astype("category")  # text repeats: categories keep the frame compact
     return frame
 
 
@@ -67,9 +96,10 @@ def _categories(values: pd.Series, attr: Attribute, declared: tuple) -> pd.Serie
     return text.where(text.isin(declared), OTHER).astype(object)
 
 
-def _chunks(rows: list[dict], size: int) -> Iterator[list[dict]]:
-    for start in range(0, len(rows), size):
-        yield rows[start:start + size]
+def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    rows = iter(rows)
+    while part := list(islice(rows, size)):
+        yield part
 
 
 def _own_values(sources: Sources, table: TableSpec, keys: list[tuple], columns: list[str], archived: bool) -> dict:

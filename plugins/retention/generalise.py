@@ -63,7 +63,12 @@ def departement_of(value) -> str:
 
 
 def generalise(values: pd.Series, step) -> pd.Series:
-    """Values at one step of a ladder, as strings; missing values become "unknown"."""
+    """Values at one step of a ladder, as categories of strings (compact however many records);
+    missing values become "unknown"."""
+    return _step(values, step).astype("category")
+
+
+def _step(values: pd.Series, step) -> pd.Series:
     if step == "*":
         return pd.Series("*", index=values.index, dtype=object)
     if isinstance(step, tuple):
@@ -78,10 +83,11 @@ def generalise(values: pd.Series, step) -> pd.Series:
             out = days.dt.year.astype("Int64").astype(str)
         return out.where(days.notna(), UNKNOWN).astype(object)
     if step in ("departement", "region"):
-        mapping = {v: departement_of(v) for v in values.dropna().unique()}
+        mapping = {v: departement_of(v) for v in pd.unique(values.dropna().astype(object))}
         deps = values.map(mapping).astype(object).fillna(UNKNOWN)
         return deps.map(lambda d: REGION_OF.get(d, UNKNOWN)).astype(object) if step == "region" else deps.astype(object)
-    return values.map(as_text).astype(object)
+    uniques = pd.unique(values.astype(object))
+    return values.astype(object).map({v: as_text(v) for v in uniques if v is not None}).fillna(UNKNOWN)
 
 
 def as_text(value) -> str:
@@ -145,7 +151,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
         options = []
         for node in (n for n in lattice if sum(n) == climbed):
             tried_coarse, tried_passing = trial(dict(zip(qis, node)))
-            groups = tried_coarse[tried_passing].drop_duplicates().shape[0]
+            groups = tried_coarse[tried_passing].drop_duplicates().shape[0] if tried_passing.any() else 0
             options.append((1 - tried_passing.mean() <= spec.max_suppressed, tried_passing.sum(), groups,
                             node, tried_coarse, tried_passing))
         # Within the budget first; then the most records let through, then the most groups kept.
@@ -159,7 +165,8 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
     else:
         data = _aggregate(released, qis, spec)
     data = data.reindex(columns=release_columns(spec))
-    grouped = released.groupby(qis, sort=True, dropna=False)
+    data = data.astype({c: object for c in data.columns if isinstance(data[c].dtype, pd.CategoricalDtype)})
+    grouped = released.groupby(qis, sort=True, dropna=False, observed=True)
     profile = grouped[PERSON].nunique().rename("persons").to_frame()
     for name in sensitive:
         profile[f"{name}_distinct"] = grouped[name].nunique()
@@ -167,7 +174,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
 
     raw_differs = pd.Series(False, index=frame.index)
     for name in qis:
-        raw_differs |= frame[name].map(as_text) != coarse[name]
+        raw_differs |= generalise(frame[name], "value").astype(object) != coarse[name].astype(object)
     evidence = {
         "dataset": spec.dataset, "label": spec.label, "release": spec.release, "k": spec.k, "l": spec.l,
         "quasi_identifiers": {name: _step_label(ladders[name][levels[name]]) for name in qis},
@@ -190,9 +197,9 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
 def _passing(coarse: pd.DataFrame, frame: pd.DataFrame, spec: Anonymisation, sensitive: list[str]) -> pd.Series:
     """Per record: whether its group holds k people and l distinct values of each sensitive attribute."""
     keys = [coarse[c] for c in coarse.columns]
-    passing = frame[PERSON].groupby(keys, dropna=False).transform("nunique") >= spec.k
+    passing = frame[PERSON].groupby(keys, dropna=False, observed=True).transform("nunique") >= spec.k
     for name in sensitive:
-        passing &= frame[name].groupby(keys, dropna=False).transform("nunique") >= spec.l
+        passing &= frame[name].groupby(keys, dropna=False, observed=True).transform("nunique") >= spec.l
     return passing
 
 
@@ -203,7 +210,7 @@ def _aggregate(released: pd.DataFrame, qis: list[str], spec: Anonymisation) -> p
         for value in (*s.values, OTHER):
             counts[f"{name}__{value}"] = (released[name] == value).astype("int64")
     frame = pd.concat([released, pd.DataFrame(counts, index=released.index)], axis=1)
-    grouped = frame.groupby(qis, sort=True, dropna=False)
+    grouped = frame.groupby(qis, sort=True, dropna=False, observed=True)
     out = grouped[PERSON].nunique().rename("persons").to_frame()
     out["records"] = grouped.size()
     for m in spec.measures:

@@ -255,29 +255,29 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     their attributes, generalise, validate (Great Expectations). Nothing is written outside the
     run's staging files: the apply step writes the release, then deletes the records. A release
     that fails validation stops the run at the guard, before any change."""
-    tables = {n: t for n, t in rules.system(system).tables.items() if t.anonymise}
-    due: dict = {name: [] for name in tables}
-    if tables:
-        for row in _read_lines(_staging(run, system, "decisions")):
-            if row["action"] == ANONYMISE:
-                due[row["t"]].append(row)
+    decisions = _staging(run, system, "decisions")
+    tables = [t for t in rules.system(system).tables.values() if t.anonymise]
+    due = Counter(row["t"] for row in _read_lines(decisions) if row["action"] == ANONYMISE) if tables else Counter()
     outcomes, notes = [], {}
-    for name, rows in due.items():
-        if rows:
-            evidence, note = _build_release(sources, run, system, tables[name], rows)
+    for table in tables:
+        if due[table.name]:
+            # Streamed from the staging file: only the compact attribute frame is held in memory.
+            rows = (r for r in _read_lines(decisions) if r["action"] == ANONYMISE and r["t"] == table.name)
+            evidence, notes[table.name] = _build_release(sources, run, system, table, rows)
             outcomes.append(evidence)
-            notes[name] = note
     _write_json(_staging(run, system, "anonymised", ".json"), outcomes)
+    seen: Counter = Counter()
     with open(_staging(run, system, "to_apply"), "w", encoding="utf-8") as out:
-        for row in _read_lines(_staging(run, system, "decisions")):
+        for row in _read_lines(decisions):
             if row["action"] == ANONYMISE:
-                released, suppressed_keys, suppressed = notes[row["t"]]
-                row["reason"] += suppressed if json.dumps(row["k"], default=str) in suppressed_keys else released
+                released, suppressed_at, suppressed = notes[row["t"]]
+                row["reason"] += suppressed if suppressed_at[seen[row["t"]]] else released
+                seen[row["t"]] += 1  # the frame holds the table's records in file order
             out.write(json.dumps(row, default=str) + "\n")
     return outcomes
 
 
-def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: list[dict]) -> tuple:
+def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: Iterator[dict]) -> tuple:
     # pandas and Great Expectations load only when a run has something to anonymise.
     from .attributes import attribute_frame
     from .generalise import PERSON, build_release
@@ -304,15 +304,14 @@ def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, ro
                     validation={"passed": validation.success, "failures": validation.failures(),
                                 "checks": validation.results})
     if not ok:
-        log.error("release %s rejected, its %d records are kept: %s", release_id, len(rows),
+        log.error("release %s rejected, its %d records are kept: %s", release_id, len(frame),
                   problem or "; ".join(validation.failures()))
     data = json.loads(release.data.to_json(orient="records", date_format="iso")) if ok else []
     _write_json(_staging(run, system, f"release_{table.name}", ".json"), {"evidence": evidence, "rows": data})
-    suppressed_keys = {json.dumps(rows[i]["k"], default=str) for i, flag in enumerate(release.suppressed) if flag}
     released = f"; anonymised into {spec.dataset} (this run's release)"
     suppressed = (f"; deleted without feeding {spec.dataset}: its group stayed below k={spec.k} people or "
                   f"l={spec.l} distinct values (suppressed)")
-    return evidence, (released, suppressed_keys, suppressed)
+    return evidence, (released, release.suppressed.to_numpy(), suppressed)
 
 
 def read_tally(run: Run, system: str) -> Tally:

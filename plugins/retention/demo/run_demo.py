@@ -33,8 +33,9 @@ def main() -> int:
     bin_dir = Path(sys.executable).parent
     log = home / "demo-airflow.log"
     home.mkdir(parents=True, exist_ok=True)
-    # Demo data only: each `make demo` starts from a fresh audit store and run history.
+    # Demo data only: each `make demo` starts from a fresh audit store, statistics and run history.
     (home / "audit.sqlite").unlink(missing_ok=True)
+    (home / "statistics.sqlite").unlink(missing_ok=True)
     shutil.rmtree(home / "runs", ignore_errors=True)
 
     def run(*cmd, quiet: bool = False) -> None:
@@ -70,6 +71,7 @@ def main() -> int:
     _step("What the run did")
     print_summary(summary)
     print(f"\nAudit store: {home / 'audit.sqlite'} (table retention_audit); verify it with `retention audit verify`.")
+    print(f"Statistics store: {home / 'statistics.sqlite'} (published_<dataset> views: the anonymous releases).")
     print("Run it again with `make demo`; browse it in Airflow with `make airflow` (see README).")
     return 0
 
