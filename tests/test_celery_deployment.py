@@ -132,11 +132,13 @@ class Deployment:
             **self.env("airflow-scheduler"), "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(scheduler_health)})
         self.services.start("dag-processor", [AIRFLOW, "dag-processor"], self.env("airflow-dag-processor"))
-        # One task at a time per worker: with Celery's late acknowledgement and a prefetch of one,
-        # tasks that are ready together (the systems' extracts, decides, applies) go to both.
         for name in WORKERS:
-            self.services.start(name, [AIRFLOW, "celery", "worker", "--celery-hostname", name, "--concurrency", "1"], {
+            self.services.start(name, [AIRFLOW, "celery", "worker", "--celery-hostname", name], {
                 **self.env(name),
+                # As compose sets it. A worker takes at most two tasks at a time (late acknowledgement,
+                # a prefetch of one per process), so the three systems' extracts, ready together,
+                # cannot all go to one worker.
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
                 # Containers each have their own ports and hostname; two workers on one machine
                 # need their own log server port, and a name per worker on the tasks they run.
                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
