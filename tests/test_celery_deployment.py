@@ -63,9 +63,9 @@ class Deployment:
         self.jwt_secret = secrets.token_urlsafe(32)
         self.postgres_started = False
 
-    def sql(self, database: str, query: str, *params) -> list[tuple]:
+    def sql(self, database: str, query: str) -> list[tuple]:
         with psycopg.connect(f"host=127.0.0.1 port={self.postgres.port} user=postgres dbname={database}") as conn:
-            return conn.execute(query, params).fetchall()
+            return conn.execute(query).fetchall()
 
     def source_urls(self, suffix: str = "", scheme: str = "postgresql") -> dict[str, str]:
         """The databases of compose-init.sql (`suffix`: a copy), as compose's AIRFLOW_CONN_RETENTION_*
