@@ -107,6 +107,35 @@ def backend(request, retention_home, monkeypatch):
     result.dispose()
 
 
+def outcome(urls: dict[str, str]) -> dict:
+    """End state of the three systems' databases (every table), the audit entries and the
+    statistics releases, without run ids, timestamps and run-level events: equal for two runs that
+    did the same thing."""
+    from sqlalchemy import inspect
+
+    state = {}
+    for name in SYSTEMS:
+        engine = create_engine(urls[name])
+        with engine.connect() as conn:
+            for table in sorted(inspect(conn).get_table_names()):
+                state[f"{name}.{table}"] = sorted(map(repr, conn.execute(text(f'SELECT * FROM "{table}"'))))
+        engine.dispose()
+    engine = create_engine(urls["audit"])
+    with engine.connect() as conn:
+        state["audit"] = sorted(map(repr, conn.execute(text(
+            "SELECT as_of, system, table_name, record_hash, subject_hash, action, rules, purposes, fields, reason "
+            "FROM retention_audit WHERE action NOT IN ('guard_override', 'anonymisation_release')"))))
+    engine.dispose()
+    engine = create_engine(urls["statistics"])  # the releases, less their run-named ids
+    with engine.connect() as conn:
+        for table in sorted(t for t in inspect(conn).get_table_names() if t.startswith("stats_")):
+            rows = conn.execute(text(f'SELECT * FROM "{table}"'))
+            keep = [i for i, column in enumerate(rows.keys()) if column != "release_id"]
+            state[f"statistics.{table}"] = sorted(repr([row[i] for i in keep]) for row in rows)
+    engine.dispose()
+    return state
+
+
 def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=False, rules_dir=RULES):
     """One whole run through the same entry point as the CLI. A first run over seeded data is a
     backlog and needs `force` past the blast-radius guard, as it would in production."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.postgres import _free_port
+from tests.services import AIRFLOW, Services, airflow_cli
 from tests.test_dags import DAGS
 
 pytestmark = pytest.mark.airflow
@@ -42,40 +42,17 @@ def airflow_services(tmp_path, retention_home):
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "RETENTION_HOME": str(retention_home),
     }
-    airflow = str(Path(sys.executable).parent / "airflow")
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes = [subprocess.Popen([airflow, *cmd], env=env, stdout=open(logs / f"{cmd[0]}.log", "w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-                 for cmd in (["api-server", "--port", str(port)], ["scheduler"], ["dag-processor"])]
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
+    services = Services(tmp_path / "logs")
     try:
-        _wait(lambda: _cli(airflow, env, "dags", "list").stdout.count("retention_nightly"), 120, logs)
-        _cli(airflow, env, "dags", "unpause", "retention_nightly")
-        yield airflow, env, tmp_path / "airflow" / "airflow.db", logs
+        for cmd in (["api-server", "--port", str(port)], ["scheduler"], ["dag-processor"]):
+            services.start(cmd[0], [AIRFLOW, *cmd], env)
+        services.wait(lambda: airflow_cli(env, "dags", "list").stdout.count("retention_nightly"), 120,
+                      "the DAG processor to register retention_nightly")
+        airflow_cli(env, "dags", "unpause", "retention_nightly")
+        yield env, tmp_path / "airflow" / "airflow.db", services
     finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def _cli(airflow, env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def _wait(condition, seconds: float, logs: Path):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(2)
-    tails = {p.name: p.read_text()[-2000:] for p in logs.glob("*.log")}
-    raise AssertionError(f"timed out after {seconds}s; service logs: {tails}")
+        services.stop()
 
 
 def _runs(metadata_db: Path) -> dict:
@@ -107,16 +84,16 @@ def _audit_entries(home: Path) -> list:
 
 
 def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_services, retention_home):
-    airflow, env, metadata_db, logs = airflow_services
+    env, metadata_db, services = airflow_services
     seeded = subprocess.run([sys.executable, "-m", "retention.cli", "demo", "seed", "--size", "60", "--seed", "2"],
                             env=env, capture_output=True, text=True)
     assert seeded.returncode == 0, seeded.stderr
 
     def backfill(*extra):
         for _ in range(3):
-            result = _cli(airflow, env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date",
-                          DATES[0], "--to-date", DATES[-1], "--max-active-runs", "1",
-                          "--dag-run-conf", json.dumps({"force": True}), *extra)
+            result = airflow_cli(env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date",
+                                 DATES[0], "--to-date", DATES[-1], "--max-active-runs", "1",
+                                 "--dag-run-conf", json.dumps({"force": True}), *extra)
             # Airflow's embedded SQLite metadata database is shared with the running scheduler: a
             # create can meet "database is locked" and roll back whole; trying again is what a user does.
             if result.returncode == 0 or "database is locked" not in result.stderr:
@@ -125,8 +102,8 @@ def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_servi
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     backfill()
-    runs = _wait(lambda: (r := _runs(metadata_db)) and len(r) == 3
-                 and all(s in ("success", "failed") for s in r.values()) and r, 600, logs)
+    runs = services.wait(lambda: (r := _runs(metadata_db)) and len(r) == 3
+                         and all(s in ("success", "failed") for s in r.values()) and r, 600, "three finished runs")
     assert set(runs.values()) == {"success"}, runs
     windows = _enforcing_windows(metadata_db)
     assert all(later[0] >= earlier[1] for earlier, later in zip(windows, windows[1:])), f"runs overlapped: {windows}"
@@ -141,10 +118,12 @@ def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_servi
     assert {as_of for _, _, as_of, _ in entries} <= set(DATES)
     state = _sources(retention_home)
 
-    _wait(lambda: _backfills_completed(metadata_db), 120, logs)  # one backfill per DAG at a time
+    # One backfill per DAG at a time.
+    services.wait(lambda: _backfills_completed(metadata_db), 120, "the first backfill to be marked completed")
     backfill("--reprocess-behavior", "completed")
     # Done when Airflow marks the second backfill completed: all three runs ran again.
-    _wait(lambda: _backfills_completed(metadata_db, expected=2), 600, logs)
+    services.wait(lambda: _backfills_completed(metadata_db, expected=2), 600,
+                  "the second backfill to be marked completed")
     assert set(_runs(metadata_db).values()) == {"success"}
     assert _audit_entries(retention_home) == entries  # no new audit entry
     assert _sources(retention_home) == state  # no source changed

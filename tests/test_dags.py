@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SYSTEMS, outcome
 
 pytestmark = pytest.mark.airflow
 DAGS = ROOT / "dags"
@@ -77,25 +77,7 @@ def _seed(home: Path) -> None:
 
 
 def _outcome(home: Path) -> dict:
-    """End state of the sources plus the audit entries, without run ids and timestamps."""
-    import sqlite3
-
-    state = {}
-    for name in ("crm", "accounting", "marketing"):
-        with sqlite3.connect(home / f"{name}.sqlite") as conn:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            for table in sorted(tables):
-                state[f"{name}.{table}"] = sorted(map(repr, conn.execute(f'SELECT * FROM "{table}"')))
-    with sqlite3.connect(home / "audit.sqlite") as conn:
-        state["audit"] = sorted(map(repr, conn.execute(
-            "SELECT as_of, system, table_name, record_hash, subject_hash, action, rules, purposes, fields, reason "
-            "FROM retention_audit WHERE action NOT IN ('guard_override', 'anonymisation_release')")))
-    with sqlite3.connect(home / "statistics.sqlite") as conn:  # the releases, less their run-named ids
-        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'stats_%'"):
-            rows = conn.execute(f'SELECT * FROM "{table}"')
-            keep = [i for i, d in enumerate(rows.description) if d[0] != "release_id"]
-            state[f"statistics.{table}"] = sorted(repr([r[i] for i in keep]) for r in rows)
-    return state
+    return outcome({name: f"sqlite:///{home / name}.sqlite" for name in (*SYSTEMS, "audit", "statistics")})
 
 
 def test_dag_run_gives_the_same_outcome_as_the_cli(airflow_home, tmp_path):
