@@ -5,6 +5,7 @@ Exits 1 when the enforcement and the baseline leave different end states (a bug 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from datetime import date
 
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     scales = args.scale or [1.0, 4.0]
 
+    # A stopped benchmark (kill) still stops its server: SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = PostgresServer(SETTINGS).start()
     try:
         print(f"machine: {machine()}, PostgreSQL {server_version(server)}", flush=True)
