@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export RETENTION_HOME ?= $(CURDIR)/.retention
 export AIRFLOW_HOME   ?= $(RETENTION_HOME)/airflow
 
-.PHONY: install demo test airflow clean
+.PHONY: install demo test bench airflow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The enforcement against hand-written SQL at scale (README, Performance); not part of `make test`.
+# `make bench SCALE=1` runs one scale; the default runs 1 and 4 and prints how they grew.
+bench: install
+	$(BIN)/python -m bench $(foreach s,$(SCALE),--scale $(s))
 
 # The Airflow UI on http://localhost:8080 over the demo data (credentials printed at start).
 airflow: install

@@ -26,7 +26,8 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self):
+    def __init__(self, settings: dict[str, str] | None = None):
+        self.settings = settings or {}  # extra server settings, e.g. memory for the benchmark
         self.root = tempfile.mkdtemp(prefix="retention-pg-")
         self.data = os.path.join(self.root, "data")
         self.port = _free_port()
@@ -43,7 +44,8 @@ class PostgresServer:
         self._run(_bin("initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--locale=C")
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off " \
-                  "-c synchronous_commit=off -c full_page_writes=off"
+                  "-c synchronous_commit=off -c full_page_writes=off" + \
+                  "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(_bin("pg_ctl"), "-D", self.data, "-o", options, "-l", os.path.join(self.root, "log"),
                   "-w", "start")
         deadline = time.time() + 30

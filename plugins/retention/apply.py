@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from . import audit
 from .decide import ARCHIVE, REMOVING, STRIP
 from .rules import Rules, TableSpec
-from .sources import ARCHIVED_ON, Sources
+from .sources import ARCHIVED_ON, Sources, bulk_insert, one_of
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,10 @@ class RunContext:
     rules: Rules
 
 
-def _key_in(table, spec: TableSpec, keys: list[tuple]):
+def _key_in(table, spec: TableSpec, keys: list[tuple], dialect: str):
     cols = [table.c[name] for name in spec.primary_key]
     if len(cols) == 1:
-        return cols[0].in_([k[0] for k in keys])
+        return one_of(cols[0], [k[0] for k in keys], dialect)
     return tuple_(*cols).in_(keys)
 
 
@@ -85,7 +85,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
         for (action, archived, fields), group in groups.items():
             target = archive if archived else live
             keys = [p.key for p in group]
-            condition = _key_in(target, spec, keys)
+            condition = _key_in(target, spec, keys, conn.dialect.name)
             pk = [target.c[name] for name in spec.primary_key]
             if action in REMOVING:
                 statement = delete(target).where(condition).returning(*pk)
@@ -107,8 +107,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
                     if planned.suppress:
                         for ihash in planned.identifier_hashes:
                             suppressed[ihash] = planned.suppress
-        if entries:
-            conn.execute(insert(outbox), entries)
+        bulk_insert(conn, outbox, entries)
         if suppressed:
             # Same transaction as the deletion: the person is never deleted without being suppressed.
             until = {name: run.rules.rules[name].suppress_for.after(run.as_of) for name in set(suppressed.values())}

@@ -4,6 +4,7 @@ transaction as the change they describe, then published to the central audit sto
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -11,13 +12,13 @@ import os
 import secrets
 from datetime import date, datetime, timezone
 
-from sqlalchemy import (Column, DateTime, Engine, Integer, MetaData, String, Table, Text, delete, func, insert,
+from sqlalchemy import (Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, delete, func, insert,
                         inspect, select, update)
 from sqlalchemy.exc import IntegrityError
 
 from . import chain
 from .connections import AUDIT_CONNECTION, make_engine, resolve_url, retention_home
-from .sources import OUTBOX_TABLE, Sources, audit_table
+from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, one_of
 
 KEY_ENV = "RETENTION_AUDIT_KEY"
 OLD_KEYS_ENV = "RETENTION_AUDIT_OLD_KEYS"  # comma-separated keys retired by rotation
@@ -77,12 +78,36 @@ def identifier_hash(key: bytes, kind: str, value) -> str:
 
 
 def keyed_hash(key: bytes, *parts) -> str:
-    message = "\x1f".join(json.dumps(p, default=str) for p in parts)
-    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+    return _hmac(key, "\x1f".join(_json(p) for p in parts))
 
 
 def record_hash(key: bytes, system: str, table: str, primary_key: tuple) -> str:
-    return keyed_hash(key, "record", system, table, list(primary_key))
+    return _hmac(key, _record_prefix(system, table) + _json(list(primary_key)))
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes):
+    """HMAC state after the key: copying it skips the key schedule, paid once per key, not per record."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _hmac(key: bytes, message: str) -> str:
+    state = _keyed(key).copy()
+    state.update(message.encode())
+    return state.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_prefix(system: str, table: str) -> str:
+    return "\x1f".join(_json(p) for p in ("record", system, table)) + "\x1f"
+
+
+def _json(part) -> str:
+    """json.dumps(part, default=str), without building an encoder per call for plain values."""
+    try:
+        return json.dumps(part)
+    except TypeError:
+        return json.dumps(part, default=str)
 
 
 def subject_hash(key: bytes, subject) -> str | None:
@@ -110,6 +135,8 @@ class AuditStore:
             Column("seq", Integer, nullable=False, unique=True),
             Column("prev_hash", String(64), nullable=False),
             Column("entry_hash", String(64), nullable=False),
+            # Each batch looks its records up (restores); without it every lookup reads the whole trail.
+            Index("ix_retention_audit_record", "system", "table_name", "record_hash"),
         )
         self.head = Table(
             HEAD_TABLE, metadata,
@@ -166,12 +193,13 @@ class AuditStore:
                 return moved
             ids = [r["entry_id"] for r in rows]
             with self.engine.begin() as conn:
-                known = set(conn.scalars(select(self.entries.c.entry_id).where(self.entries.c.entry_id.in_(ids))))
+                known = set(conn.scalars(select(self.entries.c.entry_id).where(
+                    one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
                 fresh = [r for r in rows if r["entry_id"] not in known]
                 self._chain_in(conn, fresh)
             # Only once the store has committed them may the outbox forget them.
             with sources.engine(system).begin() as conn:
-                conn.execute(delete(outbox).where(outbox.c.entry_id.in_(ids)))
+                conn.execute(delete(outbox).where(one_of(outbox.c.entry_id, ids, conn.dialect.name)))
             moved += len(fresh)
 
     def _chain_in(self, conn, entries: list[dict]) -> None:
@@ -183,7 +211,7 @@ class AuditStore:
             return
         seq, prev = conn.execute(select(self.head.c.seq, self.head.c.entry_hash)).one()
         seq, prev = chain.chain(entries, seq, prev)
-        conn.execute(insert(self.entries), entries)
+        bulk_insert(conn, self.entries, entries)
         conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
 
     def append(self, entries: list[dict]) -> None:
@@ -235,13 +263,23 @@ class AuditStore:
         return chain.verify(self.entries_in_order(), self.latest_checkpoint(),
                             self.chain_head() if self.exists else None, published, keys)
 
+    def removed_tables(self, system: str) -> set:
+        """Tables of the system with at least one removal recorded."""
+        if not self.exists:
+            return set()
+        e = self.entries
+        with self.engine.connect() as conn:
+            return set(conn.scalars(select(e.c.table_name).distinct()
+                                    .where(e.c.system == system, e.c.action.in_(REMOVALS))))
+
     def prior_final_actions(self, system: str, table: str, hashes: list[str]) -> dict:
         """{record hash: (action, fields, as_of, run_id)}: the latest removal recorded for each record."""
         if not self.exists or not hashes:
             return {}
         e = self.entries
         query = (select(e.c.record_hash, e.c.action, e.c.fields, e.c.as_of, e.c.run_id)
-                 .where(e.c.system == system, e.c.table_name == table, e.c.record_hash.in_(hashes),
+                 .where(e.c.system == system, e.c.table_name == table,
+                        one_of(e.c.record_hash, hashes, self.engine.dialect.name),
                         e.c.action.in_(REMOVALS))
                  .order_by(e.c.seq))
         with self.engine.connect() as conn:

@@ -14,7 +14,7 @@ from .audit import identifier_hash
 from .decide import EventValue, Facts, latest_of
 from .durations import as_date
 from .rules import Item, Related, TableSpec, needed_items, used_events
-from .sources import Sources
+from .sources import Sources, one_of
 
 DEFAULT_BATCH = 2000
 
@@ -117,11 +117,12 @@ def _related_latest(sources: Sources, rel: Related, keys: set) -> dict:
     if not keys:
         return {}
     found: dict = {}
+    dialect = sources.engine(rel.system).dialect.name
     live = sources.table(rel.system, rel.table)
     archive = sources.archive(rel.system, rel.table)
     for table in [live] + ([archive] if archive is not None else []):
         link, column = table.c[rel.remote], table.c[rel.column]
-        conditions = [link.in_(sorted(keys, key=str))]
+        conditions = [one_of(link, sorted(keys, key=str), dialect)]
         for name, values in rel.where:
             conditions.append(table.c[name].in_(values))
         query = (select(link, func.max(column), func.sum(case((column.is_(None), 1), else_=0)))

@@ -207,17 +207,26 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     Rows the audit trail says were already removed (a restored backup) are removed again."""
     spec = rules.system(system)
     tally = Tally()
+    # Only records of a table with a removal in the trail can have been brought back by a restore.
+    removed = store.removed_tables(system) if store is not None else set()
     with open(_staging(run, system, "decisions"), "w", encoding="utf-8") as out:
         for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "facts")), run.batch_size):
             table = spec.tables[table_name]
             chunk = [_facts_from_json(row) for row in rows]
-            hashes = [audit_mod.record_hash(key, system, table_name, f.key) for f in chunk]
-            prior = store.prior_final_actions(system, table_name, hashes) if store is not None else {}
-            for facts, rhash in zip(chunk, hashes):
-                held_because = holds_mod.hold_reason(held, audit_mod.subject_hash(key, facts.subject), system,
-                                                     table) if held else None  # no HMAC per row without holds
+            prior = {}
+            if table_name in removed:
+                hashes = {f.key: audit_mod.record_hash(key, system, table_name, f.key) for f in chunk}
+                found = store.prior_final_actions(system, table_name, list(hashes.values()))
+                prior = {k: found[h] for k, h in hashes.items() if h in found}
+            subjects: dict = {}  # rows of a batch often share a subject: one HMAC each, per batch
+            for facts in chunk:
+                held_because = None
+                if held:  # no HMAC per row without holds
+                    if facts.subject not in subjects:
+                        subjects[facts.subject] = audit_mod.subject_hash(key, facts.subject)
+                    held_because = holds_mod.hold_reason(held, subjects[facts.subject], system, table)
                 decision = decide(table, facts, run.as_of, rules.settings, held_because)
-                decision = reapply_after_restore(decision, facts, prior.get(rhash))
+                decision = reapply_after_restore(decision, facts, prior.get(facts.key))
                 tally.add(system, table.name, decision.rules, decision.action, decision.reason, decision.replayed)
                 for rule in decision.report_only_rules:
                     tally.report_only[(system, table.name, rule, decision.would)] += 1

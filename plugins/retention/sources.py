@@ -3,7 +3,9 @@ and the engine's own side tables there (the audit outbox and the intermediate ar
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, DateTime, Engine, Integer, MetaData, String, Table, Text, inspect, text
+from sqlalchemy import (Column, Date, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, any_, bindparam,
+                        inspect, text)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 
 from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
@@ -28,9 +30,33 @@ AUDIT_COLUMNS = (
 _NULLABLE = ("subject_hash", "fields", "identifier_hashes")
 
 
-def audit_table(metadata: MetaData, name: str, *extra: Column) -> Table:
+def audit_table(metadata: MetaData, name: str, *extra) -> Table:
     columns = [Column(n, t, primary_key=(n == "entry_id"), nullable=(n in _NULLABLE)) for n, t in AUDIT_COLUMNS]
     return Table(name, metadata, *columns, *extra)
+
+
+def one_of(column, values, dialect: str):
+    """`column IN (values)`. On PostgreSQL one array parameter (`= ANY`) instead of one bind parameter
+    per value: for the thousands of keys of a batch, binding them one by one costs more than the query."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
+
+
+def bulk_insert(conn, table: Table, rows: list[dict]) -> None:
+    """Insert rows inside the caller's transaction. On PostgreSQL through COPY: an executemany sends
+    one INSERT per row, and audit entries come by the hundred thousand."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(table.insert(), rows)
+        return
+    names = [c.name for c in table.columns if c.name in rows[0]]
+    quote = conn.dialect.identifier_preparer.quote
+    statement = f"COPY {quote(table.name)} ({', '.join(quote(n) for n in names)}) FROM STDIN"
+    with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([row[n] for n in names])
 
 
 class SourceUnavailable(ConnectionProblem):
@@ -45,6 +71,9 @@ class Sources:
         self.use_airflow = use_airflow
         self._engines: dict[str, Engine] = {}
         self._metadata: dict[str, MetaData] = {}
+        # Which tables exist, asked once per run: archives are looked for in every batch. Tables
+        # appear only through this object (archive, outbox, suppression list), which records them.
+        self._exists: dict[tuple, bool] = {}
 
     def url(self, system: str) -> str:
         spec = self.rules.system(system)
@@ -81,7 +110,14 @@ class Sources:
                                     f"({describe(self.url(system))})") from None
 
     def has_table(self, system: str, name: str) -> bool:
-        return inspect(self.engine(system)).has_table(name)
+        if (system, name) not in self._exists:
+            self._exists[(system, name)] = inspect(self.engine(system)).has_table(name)
+        return self._exists[(system, name)]
+
+    def _created(self, system: str, metadata: MetaData) -> None:
+        metadata.create_all(self.engine(system))
+        for name in metadata.tables:
+            self._exists[(system, name)] = True
 
     def archive(self, system: str, name: str, create: bool = False) -> Table | None:
         """The intermediate archive of a table: same columns, separate from the live rows."""
@@ -94,7 +130,7 @@ class Sources:
             columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=True) for c in source.columns]
             Table(archive_name, metadata, *columns, Column(ARCHIVED_ON, Date, nullable=False))
             engine = self.engine(system)
-            metadata.create_all(engine)
+            self._created(system, metadata)
             if engine.dialect.name == "postgresql":
                 self._restrict(engine, archive_name, self.rules.system(system).archive_reader_role)
         return self.table(system, archive_name)
@@ -118,8 +154,9 @@ class Sources:
     def outbox(self, system: str) -> Table:
         if not self.has_table(system, OUTBOX_TABLE):
             metadata = MetaData()
-            audit_table(metadata, OUTBOX_TABLE)
-            metadata.create_all(self.engine(system))
+            # Publishing reads the outbox in this order, 5000 at a time: without it, a sort of the whole outbox each time.
+            audit_table(metadata, OUTBOX_TABLE, Index(f"ix_{OUTBOX_TABLE}_order", "recorded_at", "entry_id"))
+            self._created(system, metadata)
         return self.table(system, OUTBOX_TABLE)
 
     def suppression(self, system: str) -> Table:
@@ -130,7 +167,7 @@ class Sources:
                   Column("rule", String(64), nullable=False),
                   Column("added_on", Date, nullable=False),
                   Column("expires_on", Date, nullable=False))
-            metadata.create_all(self.engine(system))
+            self._created(system, metadata)
         return self.table(system, SUPPRESSION_TABLE)
 
     def purge_suppression(self, system: str, as_of) -> int:
@@ -146,3 +183,4 @@ class Sources:
             engine.dispose()
         self._engines.clear()
         self._metadata.clear()
+        self._exists.clear()

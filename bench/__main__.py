@@ -1,0 +1,68 @@
+"""python -m bench [--scale 1 --scale 4]: figures for the README's performance section.
+
+Exits 1 when the enforcement and the baseline leave different end states (a bug in one of them)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from datetime import date
+
+from tests.postgres import PostgresServer
+
+from .harness import dag_parse_times, machine, run_scale, server_version
+
+# Same server for both sides; memory a production server of this machine would have.
+SETTINGS = {"shared_buffers": "2GB", "work_mem": "64MB", "maintenance_work_mem": "512MB", "max_wal_size": "8GB"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--scale", type=float, action="append",
+                        help="1 = 200,000 companies, 600,000 invoices, 1,000,000 e-mail events (default: 1 and 4)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--as-of", default="2026-06-01", type=date.fromisoformat)
+    parser.add_argument("--batch-size", type=int, help="the enforcement's rows per batch (default: its own)")
+    args = parser.parse_args(argv)
+    scales = args.scale or [1.0, 4.0]
+
+    # A stopped benchmark (kill) still stops its server: SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    server = PostgresServer(SETTINGS).start()
+    try:
+        print(f"machine: {machine()}, PostgreSQL {server_version(server)}", flush=True)
+        results = []
+        for scale in scales:
+            result = run_scale(server, scale, args.seed, args.as_of, args.batch_size,
+                               log=lambda line: print(line, flush=True))
+            results.append(result)
+            print(f"scale {scale:g}: {result.examined:,} rows examined, {result.engine_actions:,} actions "
+                  f"({result.baseline_actions:,} by the baseline), {result.audit_entries:,} audit entries\n"
+                  f"  enforcement {result.engine_seconds:8.1f} s  {result.examined / result.engine_seconds:10,.0f} rows/s"
+                  f"  peak RSS {result.engine_rss_mb:,.0f} MB\n"
+                  f"  baseline    {result.baseline_seconds:8.1f} s  "
+                  f"{result.examined / result.baseline_seconds:10,.0f} rows/s\n"
+                  f"  enforcement / baseline: {result.ratio:.2f}\n"
+                  f"  end states: {'IDENTICAL' if not result.mismatches else 'DIFFERENT'}", flush=True)
+            for problem in result.mismatches:
+                print(f"  DIFFERENT {problem}", flush=True)
+    finally:
+        server.stop()
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        factor = last.scale / first.scale
+        print(f"growth x{factor:g} in rows (scale {first.scale:g} -> {last.scale:g}): "
+              f"enforcement time x{last.engine_seconds / first.engine_seconds:.2f}, "
+              f"baseline time x{last.baseline_seconds / first.baseline_seconds:.2f}, "
+              f"peak RSS x{last.engine_rss_mb / first.engine_rss_mb:.2f}")
+    for name, seconds in dag_parse_times().items():
+        print(f"DAG parse: dags/{name} {seconds:.3f} s")
+    if any(r.mismatches for r in results):
+        print("END STATES DIFFER: a bug in the enforcement or in the baseline", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

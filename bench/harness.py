@@ -1,0 +1,175 @@
+"""One benchmark scale: generate the sources once, copy them twice (CREATE DATABASE … TEMPLATE), run the
+enforcement on one copy and the hand-written baseline on the other, compare the end states."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import create_engine
+
+from . import baseline, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("crm", "accounting", "marketing")
+ARCHIVE_READER = "legal_archive_reader"  # the data map's archive_reader_role
+OUTBOX = "retention_audit_outbox"  # the engine's own, emptied by publishing: not part of the end state
+AUDIT_KEY = "b" * 64
+
+
+@dataclass
+class Result:
+    scale: float
+    rows: int = 0  # rows in the mapped tables before the run
+    examined: int = 0  # rows the enforcement decided on
+    engine_actions: int = 0
+    baseline_actions: int = 0
+    engine_seconds: float = 0.0
+    baseline_seconds: float = 0.0
+    engine_rss_mb: float = 0.0
+    audit_entries: int = 0
+    mismatches: list = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_seconds / self.baseline_seconds if self.baseline_seconds else float("inf")
+
+
+def _admin(server) -> psycopg.Connection:
+    return psycopg.connect(f"host=127.0.0.1 port={server.port} user=postgres dbname=postgres", autocommit=True)
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str, int]]:
+    """Generated sources in gen_<system>, then the copies engine_<system> and base_<system>."""
+    with _admin(server) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ARCHIVE_READER]).fetchone() is None:
+            conn.execute(f"CREATE ROLE {ARCHIVE_READER}")
+        for name in [f"{p}_{s}" for p in ("engine", "base", "gen") for s in SYSTEMS] + ["audit"]:
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        for system in SYSTEMS:
+            conn.execute(f"CREATE DATABASE gen_{system}")
+    engines = {s: create_engine(server.url(f"gen_{s}")) for s in SYSTEMS}
+    try:
+        counts = generate.generate(engines, scale, seed, as_of)
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+    with _admin(server) as conn:
+        for system in SYSTEMS:
+            for prefix in ("engine", "base"):
+                conn.execute(f"CREATE DATABASE {prefix}_{system} TEMPLATE gen_{system}")
+            conn.execute(f"DROP DATABASE gen_{system}")
+        conn.execute("CREATE DATABASE audit")
+    return counts
+
+
+def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -> tuple[dict, float, float]:
+    """`retention run` in its own process, as an operator would; returns (summary, seconds, peak RSS MB)."""
+    env = dict(os.environ, RETENTION_HOME=str(home), RETENTION_AUDIT_KEY=AUDIT_KEY,
+               RETENTION_RULES=str(ROOT / "retention_rules"),
+               AIRFLOW_CONN_RETENTION_AUDIT=_libpq(server.url("audit")))
+    for system in SYSTEMS:
+        env[f"AIRFLOW_CONN_RETENTION_{system.upper()}"] = _libpq(server.url(f"engine_{system}"))
+    # A first run over years of backlog trips the blast-radius guard by design: --force, recorded.
+    command = [str(Path(sys.executable).parent / "retention"), "run", "--as-of", as_of.isoformat(), "--force", "--json"]
+    if batch_size:
+        command += ["--batch-size", str(batch_size)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, cwd=ROOT)
+        # wait4 gives this child's own peak RSS (kilobytes on Linux), not the maximum of all children.
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if process.returncode != 0:
+        raise RuntimeError(f"retention run exited {process.returncode}:\n{stderr[-4000:]}")
+    return json.loads(stdout), seconds, usage.ru_maxrss / 1024
+
+
+def checksums(server, prefix: str) -> dict[tuple, tuple]:
+    """{(system, table): (rows, hash)} of every non-empty table of the sources (archives and the
+    suppression list included). A sum of per-row hashes: independent of physical order, constant memory."""
+    sums = {}
+    for system in SYSTEMS:
+        with psycopg.connect(_libpq(server.url(f"{prefix}_{system}"))) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+            for table in tables:
+                rows, digest = conn.execute(
+                    f"SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0) "
+                    f'FROM "{table}" t').fetchone()
+                if table == OUTBOX and rows:
+                    sums[(system, table)] = (rows, "outbox not emptied by publishing")
+                elif rows and table != OUTBOX:
+                    sums[(system, table)] = (rows, str(digest))
+    return sums
+
+
+def compare(engine: dict, base: dict) -> list[str]:
+    """Tables whose content differs; a table empty (or absent) on one side equals an empty one."""
+    problems = []
+    for key in sorted(set(engine) | set(base)):
+        if engine.get(key) != base.get(key):
+            e, b = engine.get(key, (0, "-")), base.get(key, (0, "-"))
+            problems.append(f"{key[0]}.{key[1]}: enforcement {e[0]} rows ({e[1]}), baseline {b[0]} rows ({b[1]})")
+    return problems
+
+
+def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | None = None,
+              log=print) -> Result:
+    result = Result(scale)
+    started = time.perf_counter()
+    counts = prepare(server, scale, seed, as_of)
+    result.rows = sum(n for tables in counts.values() for n in tables.values())
+    log(f"scale {scale:g}: generated {result.rows:,} rows in {time.perf_counter() - started:.0f} s "
+        + ", ".join(f"{s}.{t} {n:,}" for s, tables in counts.items() for t, n in tables.items()))
+    with tempfile.TemporaryDirectory(prefix="retention-bench-") as home:
+        summary, result.engine_seconds, result.engine_rss_mb = run_engine(server, as_of, Path(home), batch_size)
+    result.examined = sum(summary["actions"].values())
+    result.engine_actions = sum(sum(actions.values()) for actions in summary["applied"].values())
+    result.audit_entries = summary["audit_entries_total"]
+    conninfo = {s: _libpq(server.url(f"base_{s}")) for s in SYSTEMS}
+    started = time.perf_counter()
+    result.baseline_actions = baseline.run(conninfo, as_of, AUDIT_KEY.encode())
+    result.baseline_seconds = time.perf_counter() - started
+    result.mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
+    return result
+
+
+def dag_parse_times() -> dict[str, float]:
+    """Seconds to parse each DAG file in a fresh interpreter that has imported Airflow already, as
+    Airflow's DAG processor has (its dagbag_import_timeout measures the same)."""
+    probe = ("import sys, time, runpy, airflow.sdk; t = time.perf_counter(); "
+             "runpy.run_path(sys.argv[1]); print(time.perf_counter() - t)")
+    env = dict(os.environ, RETENTION_RULES=str(ROOT / "retention_rules"), PYTHONPATH=str(ROOT / "plugins"))
+    times = {}
+    for path in sorted((ROOT / "dags").glob("*.py")):
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], env=env, capture_output=True, text=True,
+                              check=True, cwd=ROOT)
+        times[path.name] = float(done.stdout.strip().splitlines()[-1])
+    return times
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores, {memory:.0f} GB RAM, Python {sys.version.split()[0]}"
+
+
+def server_version(server) -> str:
+    with _admin(server) as conn:
+        return conn.execute("SHOW server_version").fetchone()[0]
