@@ -52,6 +52,13 @@ def test_rule_edited_to_expire_everything_trips_the_guard(backend, tmp_path, ret
     assert forced.returncode == 0, forced.stderr
     summary = json.loads(forced.stdout)
     assert summary["guard"]["forced"] and summary["applied"]["crm"]["delete"] > 0
+    # Companies whose contacts are still kept (targeted advertising runs on) wait for them: no
+    # contact is left pointing at a deleted company, on SQLite (no foreign keys enforced) either.
+    samples = [s for r in summary["details"]["by_rule"] if (r["table"], r["action"]) == ("companies", "keep")
+               for s in r["samples"]]
+    assert any("that reference it are kept" in s for s in samples), samples
+    companies = {r["customer_number"] for r in backend.rows("crm", "companies")}
+    assert {r["customer_number"] for r in backend.rows("crm", "contacts")} <= companies
     overrides = [r for r in backend.rows("audit", "retention_audit") if r["action"] == "guard_override"]
     assert any(r["table_name"] == "interactions" and "forced" in r["reason"] and r["run_id"] == summary["run_id"]
                for r in overrides)

@@ -173,7 +173,7 @@ def test_retention_pages_in_airflow_for_signed_in_users_only(api_server, retenti
         browser.close()
     assert run_id in page and "Retention run report" in page
     lines = page.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("delete\tstrip\tarchive"))
+    header = next(i for i, line in enumerate(lines) if line.startswith("delete\tanonymise\tstrip\tarchive"))
     assert int(lines[header + 1].split("\t")[0]) == deleted
     assert (ARTIFACTS / "retention-report.png").stat().st_size > 10_000
 
@@ -187,11 +187,12 @@ def test_pdf_has_the_same_counts_as_the_html(retention_home):
                           check=True).stdout
     html = Path(summary["report"]["html"]).read_text()
     assert summary["run_id"] in text
-    for action in ("delete", "strip", "archive"):
+    changing = ["delete", "anonymise", "strip", "archive"]
+    for action in changing:
         count = str(summary["actions"][action])
         assert f"<td>{count}</td>" in html
         assert count in text
-    glance = next(line for line in text.splitlines() if line.split()[:3] == ["delete", "strip", "archive"])
+    glance = next(line for line in text.splitlines() if line.split()[:4] == changing)
     numbers = text.splitlines()[text.splitlines().index(glance) + 1].split()
-    assert numbers[:3] == [str(summary["actions"][a]) for a in ("delete", "strip", "archive")]
+    assert numbers[:4] == [str(summary["actions"][a]) for a in changing]
     assert "Rules in force" in text and "DPO" in text  # the record of processing, with the DPO's values

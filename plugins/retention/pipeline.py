@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.schema import sort_tables
 
 from . import audit as audit_mod
@@ -26,7 +27,8 @@ from . import guard, report
 from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
-from .decide import ACTIONS, ANONYMISE, CHANGING, EventValue, Facts, decide, reapply_after_restore
+from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, EventValue, Facts, decide,
+                     reapply_after_restore)
 from .chain import write_published_head
 from .extract import DEFAULT_BATCH, batches
 from .rules import Rules, SystemSpec, TableSpec
@@ -152,6 +154,19 @@ class Tally:
             bucket = self.samples.setdefault(key, [])
             bucket += [r for r in reasons if r not in bucket][: SAMPLES - len(bucket)]
 
+    def move(self, kept: "Tally", action: str) -> None:
+        """Records decided `action` that were kept after all (`kept`, counted as keep)."""
+        for (s, t, a), n in kept.records.items():
+            self.records[(s, t, action)] -= n
+            self.records[(s, t, a)] += n
+        for (s, t, r, a), n in kept.by_rule.items():
+            self.by_rule[(s, t, r, action)] -= n
+            self.by_rule[(s, t, r, a)] += n
+        self.merge(Tally(samples=kept.samples))
+        for counter in (self.records, self.by_rule):
+            for key in [k for k, n in counter.items() if n <= 0]:
+                del counter[key]
+
     def add_forecast(self, rules: Rules, as_of: date, upcoming: tuple) -> None:
         """Count the record once per purpose whose period ends within each horizon."""
         ends: dict = {}
@@ -267,23 +282,65 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     decisions = _staging(run, system, "decisions")
     tables = [t for t in rules.system(system).tables.values() if t.anonymise]
     due = Counter(row["t"] for row in _read_lines(decisions) if row["action"] == ANONYMISE) if tables else Counter()
+    referenced = {t.name: _still_referenced(sources, run, system, t) for t in tables if due[t.name]}
     outcomes, notes = [], {}
     for table in tables:
         if due[table.name]:
             # Streamed from the staging file: only the compact attribute frame is held in memory.
-            rows = (r for r in _read_lines(decisions) if r["action"] == ANONYMISE and r["t"] == table.name)
+            rows = (r for r in _read_lines(decisions) if r["action"] == ANONYMISE and r["t"] == table.name
+                    and _key(r) not in referenced[table.name])
             evidence, notes[table.name] = _build_release(sources, run, system, table, rows)
             outcomes.append(evidence)
     _write_json(_staging(run, system, "anonymised", ".json"), outcomes)
     seen: Counter = Counter()
+    kept = Tally()
     with open(_staging(run, system, "to_apply"), "w", encoding="utf-8") as out:
         for row in _read_lines(decisions):
             if row["action"] == ANONYMISE:
+                by = referenced[row["t"]].get(_key(row))
+                if by:
+                    kept.add(system, row["t"], tuple(row["rules"]), KEEP,
+                             f"{row['reason']}; kept while rows of {by} that reference it are kept")
+                    continue
                 released, suppressed_at, suppressed = notes[row["t"]]
                 row["reason"] += suppressed if suppressed_at[seen[row["t"]]] else released
                 seen[row["t"]] += 1  # the frame holds the table's records in file order
             out.write(json.dumps(row, default=str) + "\n")
+    if kept.records:
+        tally = read_tally(run, system)
+        tally.move(kept, ANONYMISE)
+        _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return outcomes
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row["k"], default=str)
+
+
+def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec) -> dict:
+    """{record key: referencing table} of the records due for anonymisation that rows kept by this
+    run still reference through a foreign key: deleting them would break those rows (and the
+    database refuses it), so they wait until the referencing rows go."""
+    links = [(child, column) for child, column, parent in sources.referencing(system, table.name)
+             if table.primary_key == (parent,)]
+    if not links:
+        return {}
+    children = {child for child, _ in links}
+    going = {(r["t"], _key(r)) for r in _read_lines(_staging(run, system, "decisions"))
+             if r["t"] in children and r["action"] in REMOVING + (ARCHIVE,)}
+    due = [r["k"][0] for r in _read_lines(_staging(run, system, "decisions"))
+           if r["action"] == ANONYMISE and r["t"] == table.name]
+    found: dict = {}
+    for child, column in links:
+        source = sources.table(system, child)
+        pk = [source.c[name] for name in sources.rules.system(system).tables[child].primary_key]
+        for start in range(0, len(due), run.batch_size):
+            chunk = due[start:start + run.batch_size]
+            with sources.engine(system).connect() as conn:
+                for row in conn.execute(select(*pk, source.c[column]).where(source.c[column].in_(chunk))):
+                    if (child, json.dumps(list(row[:-1]), default=str)) not in going:
+                        found.setdefault(json.dumps([row[-1]], default=str), child)
+    return found
 
 
 def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: Iterator[dict]) -> tuple:

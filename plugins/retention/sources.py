@@ -109,6 +109,16 @@ class Sources:
             raise SourceUnavailable(f"table {name!r} does not exist in system {system!r} "
                                     f"({describe(self.url(system))})") from None
 
+    def referencing(self, system: str, name: str) -> list[tuple[str, str, str]]:
+        """(table, column, referenced column) of each single-column foreign key from a mapped table
+        of the system to `name`."""
+        found = []
+        for other in self.rules.system(system).tables:
+            for fk in self.table(system, other).foreign_keys:
+                if fk.column.table.name == name and len(fk.constraint.elements) == 1:
+                    found.append((other, fk.parent.name, fk.column.name))
+        return found
+
     def has_table(self, system: str, name: str) -> bool:
         if (system, name) not in self._exists:
             self._exists[(system, name)] = inspect(self.engine(system)).has_table(name)
