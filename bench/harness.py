@@ -56,7 +56,7 @@ def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str,
     with _admin(server) as conn:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ARCHIVE_READER]).fetchone() is None:
             conn.execute(f"CREATE ROLE {ARCHIVE_READER}")
-        for name in [f"{p}_{s}" for p in ("engine", "base", "gen") for s in SYSTEMS] + ["audit"]:
+        for name in [f"{p}_{s}" for p in ("engine", "base", "gen") for s in SYSTEMS] + ["audit", "statistics"]:
             conn.execute(f"DROP DATABASE IF EXISTS {name}")
         for system in SYSTEMS:
             conn.execute(f"CREATE DATABASE gen_{system}")
@@ -72,6 +72,7 @@ def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str,
                 conn.execute(f"CREATE DATABASE {prefix}_{system} TEMPLATE gen_{system}")
             conn.execute(f"DROP DATABASE gen_{system}")
         conn.execute("CREATE DATABASE audit")
+        conn.execute("CREATE DATABASE statistics")
     return counts
 
 
@@ -79,7 +80,8 @@ def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -
     """`retention run` in its own process, as an operator would; returns (summary, seconds, peak RSS MB)."""
     env = dict(os.environ, RETENTION_HOME=str(home), RETENTION_AUDIT_KEY=AUDIT_KEY,
                RETENTION_RULES=str(ROOT / "retention_rules"),
-               AIRFLOW_CONN_RETENTION_AUDIT=_libpq(server.url("audit")))
+               AIRFLOW_CONN_RETENTION_AUDIT=_libpq(server.url("audit")),
+               AIRFLOW_CONN_RETENTION_STATISTICS=_libpq(server.url("statistics")))
     for system in SYSTEMS:
         env[f"AIRFLOW_CONN_RETENTION_{system.upper()}"] = _libpq(server.url(f"engine_{system}"))
     # A first run over years of backlog trips the blast-radius guard by design: --force, recorded.
