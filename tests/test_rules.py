@@ -73,6 +73,16 @@ def test_policy_mistakes_name_file_line_and_fix(rules_copy, old, new, message):
     ("    subject: customer_number\n    on_expiry: anonymise", "    subject: customer_number\n    on_expiry: shred", "unknown `on_expiry: shred`"),
     ("      claim_date: {latest_of: [{column: opened_on}]}", "      claim_dates: {latest_of: [{column: opened_on}]}", "needs event 'claim_date'"),
     ("  fraud_alerts:\n    primary_key: [alert_id]", "  fraud_alerts:\n    primary_key: [alert_id]\n    retention_period: 3", "unknown key `retention_period`"),
+    # Anonymisation: every mistake is named before any record is touched.
+    ('ladder: [quarter, year, "*"]', 'ladder: [quarter, decade, "*"]', "unknown ladder step 'decade'"),
+    ("{bands: [0, 10, 50, 250]}", "{bands: [0, 50, 10]}", "must be increasing numbers"),
+    ("      k: 5\n", "      k: 1\n", "k must be a whole number of at least 2"),
+    ("      l: 2\n", "      l: two\n", "l must be a whole number of at least 1"),
+    ("    on_expiry: anonymise\n", "    on_expiry: delete\n", "`anonymise:` is declared but `on_expiry` is delete"),
+    ("event: end_of_relationship, ladder", "event: end_of_relation, ladder", "unknown event 'end_of_relation'"),
+    ("aggregate: any}", "aggregate: median}", "unknown aggregate 'median'"),
+    ("          values: [\"yes\", \"no\"]\n", "", "needs `values`"),
+    ("      l: 2\n", "      l: 2\n      release: microdata\n", "measures are summed per group"),
 ])
 def test_data_map_mistakes_name_file_line_and_fix(rules_copy, old, new, message):
     crm = rules_copy / "systems" / "crm.yaml"
@@ -100,3 +110,11 @@ def test_file_named_after_its_system(rules_copy):
     (rules_copy / "systems" / "crm.yaml").rename(rules_copy / "systems" / "sales.yaml")
     found = problems(rules_copy)
     assert any("name the file crm.yaml" in p.fix for p in found)
+
+
+def test_row_level_release_refused_where_the_rule_promises_deletion(rules_copy):
+    accounting = rules_copy / "systems" / "accounting.yaml"
+    line = edit(accounting, "      measures:\n        amount: {column: amount}\n", "      release: microdata\n")
+    found = [p for p in problems(rules_copy) if "no row-level release" in p.message]
+    assert found and found[0].file == str(accounting) and abs(found[0].line - line) <= 2
+    assert "release: aggregates" in found[0].fix
