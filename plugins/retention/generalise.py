@@ -87,10 +87,10 @@ def _step(values: pd.Series, step) -> pd.Series:
         deps = values.map(mapping).astype(object).fillna(UNKNOWN)
         return deps.map(lambda d: REGION_OF.get(d, UNKNOWN)).astype(object) if step == "region" else deps.astype(object)
     uniques = pd.unique(values.astype(object))
-    return values.astype(object).map({v: as_text(v) for v in uniques if v is not None}).fillna(UNKNOWN)
+    return values.astype(object).map({v: _as_text(v) for v in uniques if v is not None}).fillna(UNKNOWN)
 
 
-def as_text(value) -> str:
+def _as_text(value) -> str:
     """A raw value as released at the `value` step: whole numbers without a decimal part (a column
     with NULLs arrives as floats), missing values as "unknown"."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
