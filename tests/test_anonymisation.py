@@ -153,3 +153,32 @@ def test_each_release_leaves_its_evidence_in_the_audit_trail(seeded):
         assert f"{evidence['records_suppressed']} suppressed" in event["reason"]
         assert f"k={evidence['k']} (achieved {evidence['k_achieved']})" in event["reason"]
         assert "validation passed" in event["reason"]
+
+
+def test_a_release_left_pending_by_a_dead_run_is_withdrawn_never_counted_twice(seeded, monkeypatch):
+    from retention import pipeline
+
+    real = pipeline.apply_batch
+
+    def dies_in_companies(sources, spec, batch, context):
+        if spec.name == "companies":
+            raise RuntimeError("worker lost")
+        return real(sources, spec, batch, context)
+
+    monkeypatch.setattr(pipeline, "apply_batch", dies_in_companies)
+    with pytest.raises(RuntimeError):
+        run_retention(AS_OF, systems=["crm"], force=True)
+    monkeypatch.setattr(pipeline, "apply_batch", real)
+    with seeded.engines["statistics"].connect() as conn:
+        [(dead_release, status)] = conn.execute(text(
+            "SELECT release_id, status FROM retention_releases WHERE dataset = 'customer_churn'")).all()
+    assert status == "pending"  # written before any company went, none of which did
+
+    summary = run_retention(AS_OF, systems=["crm"], force=True)
+    [evidence] = summary["anonymisation"]
+    with seeded.engines["statistics"].connect() as conn:
+        statuses = dict(conn.execute(text(
+            "SELECT release_id, status FROM retention_releases WHERE dataset = 'customer_churn'")).all())
+        released = conn.execute(text("SELECT coalesce(sum(records), 0) FROM published_customer_churn")).scalar()
+    assert statuses == {dead_release: "withdrawn", evidence["release_id"]: "published"}
+    assert released == evidence["records_released"]  # the companies are counted once, by the new release

@@ -127,14 +127,5 @@ class StatisticsStore:
                 conn.execute(update(r).where(r.c.release_id.in_(ids)).values(status=WITHDRAWN))
         return ids
 
-    def releases(self, dataset: str | None = None) -> list[dict]:
-        if not inspect(self.engine).has_table(REGISTRY_TABLE):
-            return []
-        query = select(self.registry).order_by(self.registry.c.written_at, self.registry.c.release_id)
-        if dataset:
-            query = query.where(self.registry.c.dataset == dataset)
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
-
     def dispose(self) -> None:
         self.engine.dispose()
