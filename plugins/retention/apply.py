@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
 from sqlalchemy import delete, insert, literal, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
@@ -16,9 +17,9 @@ from .rules import Rules, TableSpec
 from .sources import ARCHIVED_ON, Sources, bulk_insert, one_of
 
 
-@dataclass(frozen=True)
-class Planned:
-    """A decision to act on for one row, as carried from the decide step."""
+class Planned(NamedTuple):
+    """A decision to act on for one row, as carried from the decide step (a tuple: millions of them
+    go through the staging files on a first run)."""
 
     key: tuple
     subject: object
@@ -30,6 +31,7 @@ class Planned:
     identifier_hashes: tuple = ()
     replayed: bool = False
     suppress: str | None = None  # rule whose early end puts the identifiers on the suppression list
+    events: dict | None = None  # event dates some statistics are broken down by (records to anonymise)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import pandas as pd
 from pandas.api.types import union_categoricals
 from sqlalchemy import and_, func, select, tuple_
 
-from .durations import as_date
 from .generalise import OTHER, PERSON
 from .rules import Attribute, Related, TableSpec
 from .sources import Sources
@@ -23,9 +22,9 @@ from .sources import Sources
 _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": func.count}
 
 
-def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable[dict], chunk: int) -> pd.DataFrame:
-    """One row per record due for anonymisation (`rows` as staged by the decide step: key, archived
-    flag, event dates), in the order given, with the person column and every declared attribute.
+def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: int) -> pd.DataFrame:
+    """One row per record due for anonymisation (`rows`: the decide step's Planned records, with key,
+    archived flag and event dates), in the order given, with the person column and every declared attribute.
     Rows are read chunk by chunk; text columns are held as categories, so the frame stays compact
     whatever the number of records."""
     parts = [_part(sources, table, part) for part in _chunks(rows, chunk)]
@@ -39,7 +38,7 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable[dict], ch
     return pd.DataFrame(columns)
 
 
-def _part(sources: Sources, table: TableSpec, part: list[dict]) -> pd.DataFrame:
+def _part(sources: Sources, table: TableSpec, part: list) -> pd.DataFrame:
     spec = table.anonymise
     own = [a for a in spec.attributes() if a.column]
     related = [a for a in spec.attributes() if a.related]
@@ -48,10 +47,10 @@ def _part(sources: Sources, table: TableSpec, part: list[dict]) -> pd.DataFrame:
     if part:
         found: dict = {}
         for archived in (False, True):
-            keys = [tuple(r["k"]) for r in part if bool(r["a"]) == archived]
+            keys = [r.key for r in part if bool(r.archived) == archived]
             if keys:
                 found.update(_own_values(sources, table, keys, columns, archived))
-        values = [found.get(tuple(r["k"]), {}) for r in part]
+        values = [found.get(r.key, {}) for r in part]
         for attr in related:
             links = {v.get(attr.related.local) for v in values} - {None}
             totals = _related_aggregate(sources, attr.related, attr.aggregate, links)
@@ -61,8 +60,7 @@ def _part(sources: Sources, table: TableSpec, part: list[dict]) -> pd.DataFrame:
             record = {PERSON: v.get(spec.person)}
             for attr in spec.attributes():
                 if attr.event:
-                    day = (r.get("e") or {}).get(attr.event)
-                    record[attr.name] = as_date(day) if day else None
+                    record[attr.name] = (r.events or {}).get(attr.event)
                 elif attr.column:
                     record[attr.name] = v.get(attr.column)
                 else:
@@ -96,7 +94,7 @@ def _categories(values: pd.Series, attr: Attribute, declared: tuple) -> pd.Serie
     return text.where(text.isin(declared), OTHER).astype(object)
 
 
-def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+def _chunks(rows: Iterable, size: int) -> Iterator[list]:
     rows = iter(rows)
     while part := list(islice(rows, size)):
         yield part

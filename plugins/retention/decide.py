@@ -26,6 +26,15 @@ class EventValue:
     ongoing: bool = False
 
 
+ONGOING = 0  # an event's compact code (extraction, staging): ONGOING, a day's ordinal, or None
+
+
+def event_value(code: int | None) -> EventValue:
+    if code is None:
+        return EventValue()
+    return EventValue(ongoing=True) if code == ONGOING else EventValue(day=date.fromordinal(code))
+
+
 @dataclass(frozen=True)
 class Facts:
     key: tuple

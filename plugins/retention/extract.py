@@ -1,7 +1,8 @@
 """Extract the facts decisions need: keys, dates, statuses and null-flags, never personal values.
 
 Rows are read in key-range batches (keyset pagination), and each related lookup is one grouped
-query per batch, so memory stays bounded by the batch size whatever the table size.
+query per batch, so memory stays bounded by the batch size whatever the table size. Facts are plain
+tuples (see `FactRow`): a first run extracts millions of them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from sqlalchemy import Table, and_, case, func, literal, select, tuple_
 
 from .audit import identifier_hash
-from .decide import EventValue, Facts, latest_of
+from .decide import ONGOING
 from .durations import as_date
 from .rules import Item, Related, TableSpec, needed_items, used_events
 from .sources import Sources, one_of
@@ -39,8 +40,14 @@ def presence_label(field: str) -> str:
     return f"__present__{field}"
 
 
+# One extracted row: (key, subject, archived, present, identifier_hashes, events), where `present` is
+# the tuple of strippable fields holding a value and `events` the code of each of the table's
+# used_events, in order: a day's ordinal, ONGOING, or None when it never happened.
+FactRow = tuple
+
+
 def batches(sources: Sources, spec: TableSpec, batch_size: int = DEFAULT_BATCH,
-            archived: bool = False, key: bytes | None = None) -> Iterator[list[Facts]]:
+            archived: bool = False, key: bytes | None = None) -> Iterator[list[FactRow]]:
     """Facts for every row of the table (or of its archive), one batch at a time, in key order.
     Identifier columns (e-mail...) are read only to be hashed with `key` at once."""
     table = sources.archive(spec.system, spec.name) if archived else sources.table(spec.system, spec.name)
@@ -68,31 +75,44 @@ def batches(sources: Sources, spec: TableSpec, batch_size: int = DEFAULT_BATCH,
             return
 
 
-def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool, key: bytes | None) -> list[Facts]:
+def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool, key: bytes | None) -> list[FactRow]:
     cache: dict[Related, dict] = {}
     for name, item in spec.lookups.items():  # lookups first: later items may link through them
         for row, (value, _) in zip(rows, _item_values(sources, item, rows, cache)):
             row[name] = value
-    per_event = {name: [_item_values(sources, i, rows, cache) for i in event.items]
-                 for name, event in used_events(spec).items()}
-    facts = []
-    for index, row in enumerate(rows):
-        facts.append(Facts(
-            key=tuple(row[c] for c in spec.primary_key),
-            subject=row.get(spec.subject) if spec.subject else None,
-            events={name: latest_of(_event_value(*values[index]) for values in item_values)
-                    for name, item_values in per_event.items()},
-            present=frozenset(f for f in spec.strip_fields if row[presence_label(f)]),
-            archived=archived,
-            identifier_hashes=tuple(
-                identifier_hash(key, kind, row[f"__identifier__{kind}"]) for kind, _ in spec.identifiers
-                if key is not None and row[f"__identifier__{kind}"] is not None),
-        ))
-    return facts
+    events = [_event_codes([_item_values(sources, i, rows, cache) for i in event.items])
+              for event in used_events(spec).values()]
+    per_row = list(zip(*events)) if events else [()] * len(rows)
+    labels = [(f, presence_label(f)) for f in spec.strip_fields]
+    identifiers = [(kind, f"__identifier__{kind}") for kind, _ in spec.identifiers] if key is not None else []
+    return [
+        (tuple(row[c] for c in spec.primary_key), row.get(spec.subject) if spec.subject else None, archived,
+         tuple(f for f, label in labels if row[label]),
+         tuple(identifier_hash(key, kind, row[label]) for kind, label in identifiers if row[label] is not None),
+         codes)
+        for row, codes in zip(rows, per_row)
+    ]
 
 
-def _event_value(value, ongoing: bool) -> EventValue:
-    return EventValue(ongoing=True) if ongoing else EventValue(day=as_date(value))
+def _event_codes(item_values: list[list[tuple]]) -> list:
+    """Per row, the event as the latest of its items; an ongoing item means it has not happened yet."""
+    if len(item_values) == 1:
+        return [_code(value, ongoing) for value, ongoing in item_values[0]]
+    codes = []
+    for values in zip(*item_values):
+        if any(ongoing for _, ongoing in values):
+            codes.append(ONGOING)
+        else:
+            days = [c for c in (_code(v, False) for v, _ in values) if c is not None]
+            codes.append(max(days) if days else None)
+    return codes
+
+
+def _code(value, ongoing: bool) -> int | None:
+    if ongoing:
+        return ONGOING
+    day = as_date(value)
+    return None if day is None else day.toordinal()
 
 
 def _item_values(sources: Sources, item: Item, rows: list[dict], cache: dict) -> list[tuple]:

@@ -2,8 +2,8 @@
 
     holds -> extract, decide, anonymise (per system) -> guard -> apply + publish (per system) -> summary
 
-Each step reads and writes small staging files in the run's directory, so the Airflow tasks can
-run them separately (and on different workers sharing $RETENTION_HOME). Every decision of a run is
+Each step reads and writes staging files in the run's directory (staging.py), so the Airflow tasks
+can run them separately (and on different workers sharing $RETENTION_HOME). Every decision of a run is
 taken before any source is changed, so a run acts on one consistent view of all systems.
 """
 
@@ -27,11 +27,12 @@ from . import guard, report
 from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
-from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, EventValue, Facts, decide,
+from . import staging
+from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Facts, decide, event_value,
                      reapply_after_restore)
 from .chain import write_published_head
 from .extract import DEFAULT_BATCH, batches
-from .rules import Rules, SystemSpec, TableSpec
+from .rules import Rules, SystemSpec, TableSpec, used_events
 from .run_lock import RunLock
 from .sources import Sources
 
@@ -70,11 +71,11 @@ def safe_name(run_id: str) -> str:
 
 
 def write_holds(run: Run, held: dict) -> None:
-    _write_json(run.directory / "holds.json", holds_mod.to_json(held))
+    staging.write_json(run.directory / "holds.json", holds_mod.to_json(held))
 
 
 def read_holds(run: Run) -> dict:
-    return holds_mod.from_json(_read_json(run.directory / "holds.json"))
+    return holds_mod.from_json(staging.read_json(run.directory / "holds.json"))
 
 
 # ---------------------------------------------------------------- extract
@@ -83,14 +84,12 @@ def read_holds(run: Run) -> dict:
 def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: bytes,
                    progress: Progress | None = None) -> int:
     """Write the facts of every mapped row (live and archived) of one system. Returns rows read."""
-    path = _staging(run, system, "facts")
     total = 0
-    with open(path, "w", encoding="utf-8") as out:
+    with staging.BatchWriter(_staging(run, system, "facts")) as out:
         for spec in deletion_order(sources, rules.system(system)):
             for archived in (False, True):
                 for batch in batches(sources, spec, run.batch_size, archived=archived, key=key):
-                    for facts in batch:
-                        out.write(json.dumps(_facts_to_json(spec.name, facts), default=str) + "\n")
+                    out.write(spec.name, batch)
                     total += len(batch)
                     if progress:
                         progress(system, spec.name, len(batch))
@@ -104,18 +103,6 @@ def deletion_order(sources: Sources, system: SystemSpec) -> list[TableSpec]:
     reflected = [sources.table(system.name, name) for name in system.tables]
     ordered = reversed(sort_tables(reflected))
     return [system.tables[t.name] for t in ordered if t.name in system.tables]
-
-
-def _facts_to_json(table: str, facts: Facts) -> dict:
-    return {"t": table, "k": list(facts.key), "s": facts.subject, "a": facts.archived,
-            "p": sorted(facts.present), "i": list(facts.identifier_hashes),
-            "e": {n: [v.day.isoformat() if v.day else None, v.ongoing] for n, v in facts.events.items()}}
-
-
-def _facts_from_json(row: dict) -> Facts:
-    return Facts(key=tuple(row["k"]), subject=row["s"], archived=row["a"], present=frozenset(row["p"]),
-                 identifier_hashes=tuple(row["i"]),
-                 events={n: EventValue(date.fromisoformat(d) if d else None, o) for n, (d, o) in row["e"].items()})
 
 
 # ---------------------------------------------------------------- decide
@@ -133,13 +120,14 @@ class Tally:
     report_only: Counter = field(default_factory=Counter)  # (system, table, rule, would-be action)
     forecast: Counter = field(default_factory=Counter)  # (purpose, horizon in days): records whose period ends
 
-    def add(self, system: str, table: str, rules: tuple, action: str, reason: str, replayed: bool = False) -> None:
-        self.records[(system, table, action)] += 1
+    def add(self, system: str, table: str, rules: tuple, action: str, reason: str, replayed: bool = False,
+            n: int = 1) -> None:
+        self.records[(system, table, action)] += n
         if replayed:
-            self.replayed[system] += 1
+            self.replayed[system] += n
         for rule in rules:
             key = (system, table, rule, action)
-            self.by_rule[key] += 1
+            self.by_rule[key] += n
             bucket = self.samples.setdefault(key, [])
             if len(bucket) < SAMPLES and reason not in bucket:
                 bucket.append(reason)
@@ -167,8 +155,8 @@ class Tally:
             for key in [k for k, n in counter.items() if n <= 0]:
                 del counter[key]
 
-    def add_forecast(self, rules: Rules, as_of: date, upcoming: tuple) -> None:
-        """Count the record once per purpose whose period ends within each horizon."""
+    def add_forecast(self, rules: Rules, as_of: date, upcoming: tuple, n: int = 1) -> None:
+        """Count the `n` records once per purpose whose period ends within each horizon."""
         ends: dict = {}
         for rule, last_day in upcoming:
             for purpose in rules.rules[rule].purposes:
@@ -177,7 +165,7 @@ class Tally:
             days = (last_day - as_of).days + 1  # acted on the day after the last day kept
             for horizon in FORECAST_HORIZONS:
                 if days <= horizon:
-                    self.forecast[(purpose, horizon)] += 1
+                    self.forecast[(purpose, horizon)] += n
 
     def actions(self, system: str | None = None) -> dict:
         totals = Counter()
@@ -224,51 +212,71 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     tally = Tally()
     # Only records of a table with a removal in the trail can have been brought back by a restore.
     removed = store.removed_tables(system) if store is not None else set()
-    with open(_staging(run, system, "decisions"), "w", encoding="utf-8") as out:
-        for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "facts")), run.batch_size):
+    deciders: dict[str, _Decider] = {}
+    with staging.BatchWriter(_staging(run, system, "decisions")) as out:
+        for table_name, rows in staging.read_batches(_staging(run, system, "facts")):
             table = spec.tables[table_name]
-            chunk = [_facts_from_json(row) for row in rows]
+            decider = deciders.setdefault(table_name, _Decider(table, run.as_of, rules.settings))
             prior = {}
             if table_name in removed:
-                hashes = {f.key: audit_mod.record_hash(key, system, table_name, f.key) for f in chunk}
+                hashes = {row[0]: audit_mod.record_hash(key, system, table_name, row[0]) for row in rows}
                 found = store.prior_final_actions(system, table_name, list(hashes.values()))
                 prior = {k: found[h] for k, h in hashes.items() if h in found}
             subjects: dict = {}  # rows of a batch often share a subject: one HMAC each, per batch
-            for facts in chunk:
+            counted: dict[int, list] = {}  # id(decision) -> [decision, rows]
+            planned = []
+            for row_key, subject, archived, present, identifiers, events in rows:
                 held_because = None
                 if held:  # no HMAC per row without holds
-                    if facts.subject not in subjects:
-                        subjects[facts.subject] = audit_mod.subject_hash(key, facts.subject)
-                    held_because = holds_mod.hold_reason(held, subjects[facts.subject], system, table)
-                decision = decide(table, facts, run.as_of, rules.settings, held_because)
-                decision = reapply_after_restore(decision, facts, prior.get(facts.key))
-                tally.add(system, table.name, decision.rules, decision.action, decision.reason, decision.replayed)
-                for rule in decision.report_only_rules:
-                    tally.report_only[(system, table.name, rule, decision.would)] += 1
-                tally.add_forecast(rules, run.as_of, decision.upcoming)
+                    if subject not in subjects:
+                        subjects[subject] = audit_mod.subject_hash(key, subject)
+                    held_because = holds_mod.hold_reason(held, subjects[subject], system, table)
+                decision = decider(events, present, archived, held_because)
+                if row_key in prior:
+                    decision = reapply_after_restore(decision, decider.facts(events, present, archived), prior[row_key])
+                counted.setdefault(id(decision), [decision, 0])[1] += 1
                 if decision.action in CHANGING:
-                    row = {"t": table.name, "k": list(facts.key), "s": facts.subject, "a": facts.archived,
-                           "action": decision.action, "rules": list(decision.rules), "reason": decision.reason,
-                           "fields": list(decision.fields), "i": list(facts.identifier_hashes),
-                           "r": decision.replayed, "x": decision.suppress}
-                    if decision.action == ANONYMISE:  # event dates some statistics are broken down by
-                        row["e"] = {n: v.day for n, v in facts.events.items() if v.day}
-                    out.write(json.dumps(row, default=str) + "\n")
-    _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
+                    dates = decider.dates(events) if decision.action == ANONYMISE else None
+                    planned.append(Planned(row_key, subject, archived, decision.action, decision.rules, decision.reason,
+                                           decision.fields, identifiers, decision.replayed, decision.suppress, dates))
+            out.write(table_name, planned)
+            for decision, n in counted.values():
+                tally.add(system, table_name, decision.rules, decision.action, decision.reason, decision.replayed, n)
+                for rule in decision.report_only_rules:
+                    tally.report_only[(system, table_name, rule, decision.would)] += n
+                tally.add_forecast(rules, run.as_of, decision.upcoming, n)
+    staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
 
 
-def _table_chunks(rows: Iterator[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
-    """Consecutive rows of the same table, at most `size` at a time."""
-    current, chunk = None, []
-    for row in rows:
-        if chunk and (row["t"] != current or len(chunk) >= size):
-            yield current, chunk
-            chunk = []
-        current = row["t"]
-        chunk.append(row)
-    if chunk:
-        yield current, chunk
+class _Decider:
+    """The decisions of one table. `decide` is pure: rows with the same events, filled fields, archive
+    state and hold get the same decision, so it is taken once per such signature (rows of a large
+    table share theirs by the thousand). The memo is bounded: memory does not grow with the table."""
+
+    LIMIT = 100_000
+
+    def __init__(self, table: TableSpec, as_of: date, settings):
+        self.table, self.as_of, self.settings = table, as_of, settings
+        self.names = list(used_events(table))
+        self.memo: dict = {}
+
+    def __call__(self, events: tuple, present: tuple, archived: bool, held_because: str | None):
+        signature = (events, present, archived, held_because)
+        decision = self.memo.get(signature)
+        if decision is None:
+            if len(self.memo) >= self.LIMIT:
+                self.memo.clear()
+            decision = self.memo[signature] = decide(self.table, self.facts(events, present, archived), self.as_of,
+                                                     self.settings, held_because)
+        return decision
+
+    def facts(self, events: tuple, present: tuple, archived: bool) -> Facts:
+        return Facts(key=(), events={n: event_value(c) for n, c in zip(self.names, events)},
+                     present=frozenset(present), archived=archived)
+
+    def dates(self, events: tuple) -> dict:
+        return {n: date.fromordinal(c) for n, c in zip(self.names, events) if c}
 
 
 # ---------------------------------------------------------------- anonymise
@@ -281,40 +289,44 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     that fails validation stops the run at the guard, before any change."""
     decisions = _staging(run, system, "decisions")
     tables = [t for t in rules.system(system).tables.values() if t.anonymise]
-    due = Counter(row["t"] for row in _read_lines(decisions) if row["action"] == ANONYMISE) if tables else Counter()
+    due = Counter(t for t, p in staging.read_rows(decisions) if p.action == ANONYMISE) if tables else Counter()
+    if not due:
+        staging.write_json(_staging(run, system, "anonymised", ".json"), [])
+        shutil.copyfile(decisions, _staging(run, system, "to_apply"))
+        return []
     referenced = {t.name: _still_referenced(sources, run, system, t) for t in tables if due[t.name]}
     outcomes, notes = [], {}
     for table in tables:
         if due[table.name]:
             # Streamed from the staging file: only the compact attribute frame is held in memory.
-            rows = (r for r in _read_lines(decisions) if r["action"] == ANONYMISE and r["t"] == table.name
-                    and _key(r) not in referenced[table.name])
+            rows = (p for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name
+                    and p.key not in referenced[table.name])
             evidence, notes[table.name] = _build_release(sources, run, system, table, rows)
             outcomes.append(evidence)
-    _write_json(_staging(run, system, "anonymised", ".json"), outcomes)
+    staging.write_json(_staging(run, system, "anonymised", ".json"), outcomes)
     seen: Counter = Counter()
     kept = Tally()
-    with open(_staging(run, system, "to_apply"), "w", encoding="utf-8") as out:
-        for row in _read_lines(decisions):
-            if row["action"] == ANONYMISE:
-                by = referenced[row["t"]].get(_key(row))
-                if by:
-                    kept.add(system, row["t"], tuple(row["rules"]), KEEP,
-                             f"{row['reason']}; kept while rows of {by} that reference it are kept")
-                    continue
-                released, suppressed_at, suppressed = notes[row["t"]]
-                row["reason"] += suppressed if suppressed_at[seen[row["t"]]] else released
-                seen[row["t"]] += 1  # the frame holds the table's records in file order
-            out.write(json.dumps(row, default=str) + "\n")
+    with staging.BatchWriter(_staging(run, system, "to_apply")) as out:
+        for table_name, batch in staging.read_batches(decisions):
+            acted = []
+            for planned in batch:
+                if planned.action == ANONYMISE:
+                    by = referenced[table_name].get(planned.key)
+                    if by:
+                        kept.add(system, table_name, planned.rules, KEEP,
+                                 f"{planned.reason}; kept while rows of {by} that reference it are kept")
+                        continue
+                    released, suppressed_at, suppressed = notes[table_name]
+                    planned = planned._replace(reason=planned.reason + (
+                        suppressed if suppressed_at[seen[table_name]] else released))
+                    seen[table_name] += 1  # the frame holds the table's records in file order
+                acted.append(planned)
+            out.write(table_name, acted)
     if kept.records:
         tally = read_tally(run, system)
         tally.move(kept, ANONYMISE)
-        _write_json(_staging(run, system, "tally", ".json"), tally.to_json())
+        staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return outcomes
-
-
-def _key(row: dict) -> str:
-    return json.dumps(row["k"], default=str)
 
 
 def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec) -> dict:
@@ -326,10 +338,9 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
     if not links:
         return {}
     children = {child for child, _ in links}
-    going = {(r["t"], _key(r)) for r in _read_lines(_staging(run, system, "decisions"))
-             if r["t"] in children and r["action"] in REMOVING + (ARCHIVE,)}
-    due = [r["k"][0] for r in _read_lines(_staging(run, system, "decisions"))
-           if r["action"] == ANONYMISE and r["t"] == table.name]
+    decisions = _staging(run, system, "decisions")
+    going = {(t, p.key) for t, p in staging.read_rows(decisions) if t in children and p.action in REMOVING + (ARCHIVE,)}
+    due = [p.key[0] for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name]
     found: dict = {}
     for child, column in links:
         source = sources.table(system, child)
@@ -338,12 +349,12 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
             chunk = due[start:start + run.batch_size]
             with sources.engine(system).connect() as conn:
                 for row in conn.execute(select(*pk, source.c[column]).where(source.c[column].in_(chunk))):
-                    if (child, json.dumps(list(row[:-1]), default=str)) not in going:
-                        found.setdefault(json.dumps([row[-1]], default=str), child)
+                    if (child, tuple(row[:-1])) not in going:
+                        found.setdefault((row[-1],), child)
     return found
 
 
-def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: Iterator[dict]) -> tuple:
+def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: Iterator[Planned]) -> tuple:
     # pandas and Great Expectations load only when a run has something to anonymise.
     from .attributes import attribute_frame
     from .generalise import PERSON, build_release
@@ -373,7 +384,7 @@ def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, ro
         log.error("release %s rejected, its %d records are kept: %s", release_id, len(frame),
                   problem or "; ".join(validation.failures()))
     data = json.loads(release.data.to_json(orient="records", date_format="iso")) if ok else []
-    _write_json(_staging(run, system, f"release_{table.name}", ".json"), {"evidence": evidence, "rows": data})
+    staging.write_json(_staging(run, system, f"release_{table.name}", ".json"), {"evidence": evidence, "rows": data})
     released = f"; anonymised into {spec.dataset} (this run's release)"
     suppressed = (f"; deleted without feeding {spec.dataset}: its group stayed below k={spec.k} people or "
                   f"l={spec.l} distinct values (suppressed)")
@@ -381,7 +392,7 @@ def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, ro
 
 
 def read_tally(run: Run, system: str) -> Tally:
-    return Tally.from_json(_read_json(_staging(run, system, "tally", ".json")))
+    return Tally.from_json(staging.read_json(_staging(run, system, "tally", ".json")))
 
 
 # ---------------------------------------------------------------- guard
@@ -397,7 +408,7 @@ def guard_run(rules: Rules, run: Run, key: bytes, use_airflow: bool = False) -> 
     run reports what the guard would do."""
     rejected = [f"{r['system']}.{r['table']}: release of {r['dataset']} rejected "
                 f"({r['problem'] or '; '.join(r['validation']['failures'])})"
-                for system in run.systems for r in _read_json(_staging(run, system, "anonymised", ".json"))
+                for system in run.systems for r in staging.read_json(_staging(run, system, "anonymised", ".json"))
                 if r["status"] == "rejected"]
     if rejected and not run.dry_run:
         raise ReleaseRejected("nothing was written or deleted: " + "; ".join(rejected)
@@ -407,7 +418,7 @@ def guard_run(rules: Rules, run: Run, key: bytes, use_airflow: bool = False) -> 
         tally.merge(read_tally(run, system))
     violations = guard.check(rules, tally)
     outcome = {"violations": [v.message for v in violations], "forced": bool(violations) and run.force}
-    _write_json(run.directory / "guard.json", outcome)
+    staging.write_json(run.directory / "guard.json", outcome)
     if violations and not run.dry_run:
         if not run.force:
             raise guard.BlastRadiusExceeded(violations)
@@ -428,11 +439,11 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     if expired:
         log.info("%d suppression-list entries of %s reached the end of their period and were removed", expired, system)
     spec = rules.system(system)
-    releases = _read_json(_staging(run, system, "anonymised", ".json"))
+    releases = staging.read_json(_staging(run, system, "anonymised", ".json"))
     statistics = _open_statistics(sources, spec, run, releases)
     context = RunContext(run.run_id, run.as_of, key, rules)
     done: Counter = Counter()
-    for table_name, batch in _planned_batches(run, system, run.batch_size):
+    for table_name, batch in staging.read_batches(_staging(run, system, "to_apply")):
         done.update(apply_batch(sources, spec.tables[table_name], batch, context))
         if progress:
             progress(system, table_name, len(batch))
@@ -440,7 +451,7 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     if statistics is not None:
         _publish_releases(statistics, store, spec, run, key, releases)
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
-    _write_json(_staging(run, system, "applied", ".json"), dict(done))
+    staging.write_json(_staging(run, system, "applied", ".json"), dict(done))
     return done
 
 
@@ -456,7 +467,7 @@ def _open_statistics(sources: Sources, spec: SystemSpec, run: Run, releases: lis
         log.warning("release %s of a run that did not finish was withdrawn: its records are anonymised again", release_id)
     for evidence in releases:
         if evidence["status"] == "validated":
-            staged = _read_json(_staging(run, spec.name, f"release_{evidence['table']}", ".json"))
+            staged = staging.read_json(_staging(run, spec.name, f"release_{evidence['table']}", ".json"))
             table = spec.tables[evidence["table"]]
             statistics.write_pending(evidence["release_id"], run.run_id, run.as_of, table.anonymise,
                                      staged["rows"], evidence)
@@ -481,7 +492,7 @@ def _publish_releases(statistics, store: audit_mod.AuditStore, spec: SystemSpec,
             system=spec.name, table=table.name, rules=",".join(b.rule.name for b in table.retention)))
     store.append(entries)
     statistics.dispose()
-    _write_json(_staging(run, spec.name, "anonymised", ".json"), releases)
+    staging.write_json(_staging(run, spec.name, "anonymised", ".json"), releases)
 
 
 def release_summary(evidence: dict) -> str:
@@ -492,12 +503,6 @@ def release_summary(evidence: dict) -> str:
             f"{evidence['records_released']} released in {evidence['groups_released']} groups ({qis}), "
             f"{evidence['records_suppressed']} suppressed; k={evidence['k']} (achieved {evidence['k_achieved']}), "
             f"l={evidence['l']} (achieved {evidence['l_achieved']}); validation {checks}")
-
-
-def _planned_batches(run: Run, system: str, size: int) -> Iterator[tuple[str, list[Planned]]]:
-    for table_name, rows in _table_chunks(_read_lines(_staging(run, system, "to_apply")), size):
-        yield table_name, [Planned(tuple(r["k"]), r["s"], r["a"], r["action"], tuple(r["rules"]), r["reason"],
-                                   tuple(r["fields"]), tuple(r["i"]), r["r"], r["x"]) for r in rows]
 
 
 # ---------------------------------------------------------------- summary
@@ -536,14 +541,14 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None
         applied_file = _staging(run, system, "applied", ".json")
         if applied is not None:
             if applied_file.exists():
-                applied[system] = _read_json(applied_file)
+                applied[system] = staging.read_json(applied_file)
             else:
                 missing.append(f"{system}: nothing applied (its apply step did not run or did not finish)")
     releases = []
     for system in run.systems:
         staged = _staging(run, system, "anonymised", ".json")
         if staged.exists():
-            releases += _read_json(staged)
+            releases += staging.read_json(staged)
     held = read_holds(run) if (run.directory / "holds.json").exists() else {}
     summary = summarize(rules, run, tally, applied, len(held))
     summary["anonymisation"] = releases
@@ -552,7 +557,7 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None
     reasons: Counter = Counter(scope.reason for scopes in held.values() for scope in scopes)
     summary["hold_reasons"] = dict(reasons)
     guard_file = run.directory / "guard.json"
-    summary["guard"] = _read_json(guard_file) if guard_file.exists() else {"violations": [], "forced": False}
+    summary["guard"] = staging.read_json(guard_file) if guard_file.exists() else {"violations": [], "forced": False}
     failed = [s for s in steps or [] if s.get("state") in ("failed", "upstream_failed")]
     summary["steps"] = steps or []
     summary["status"] = "failed" if failed or missing else "success"
@@ -602,42 +607,17 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
 
 def write_summary(run: Run, summary: dict) -> Path:
     path = run.directory / "summary.json"
-    _write_json(path, summary)
+    staging.write_json(path, summary)
     return path
 
 
 def cleanup_staging(run: Run) -> None:
-    """Staging files hold keys of records; they go once the run is summarised."""
-    staging = run.directory / "staging"
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging.clear(run.directory)
 
 
 # ---------------------------------------------------------------- files
 
 
-def _staging(run: Run, system: str, name: str, suffix: str = ".jsonl") -> Path:
-    path = run.directory / "staging" / system
-    path.mkdir(parents=True, exist_ok=True)
-    return path / f"{name}{suffix}"
-
-
-def _read_lines(path: Path) -> Iterator[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the previous step of this run first")
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _read_json(path: Path):
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the previous step of this run first")
-    return json.loads(path.read_text(encoding="utf-8"))
+def _staging(run: Run, system: str, name: str, suffix: str = ".pickles") -> Path:
+    return staging.directory(run.directory, system) / f"{name}{suffix}"
 
