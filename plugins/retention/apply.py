@@ -3,8 +3,9 @@ transaction together with its audit entries (written to the source's outbox)."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import NamedTuple
 
@@ -41,6 +42,18 @@ class RunContext:
     key: bytes  # HMAC key of the audit trail
     rules: Rules
 
+    _purposes: dict = field(default_factory=dict, compare=False)
+
+    @functools.cached_property
+    def key_id(self) -> str:
+        return audit.key_id(self.key)
+
+    def purposes(self, rules: tuple) -> str:
+        """The purposes of the rules an action was taken under, each once, in order."""
+        if rules not in self._purposes:
+            self._purposes[rules] = ",".join(dict.fromkeys(p for name in rules for p in self.rules.rules[name].purposes))
+        return self._purposes[rules]
+
 
 def _key_in(table, spec: TableSpec, keys: list[tuple], dialect: str):
     cols = [table.c[name] for name in spec.primary_key]
@@ -49,8 +62,9 @@ def _key_in(table, spec: TableSpec, keys: list[tuple], dialect: str):
     return tuple_(*cols).in_(keys)
 
 
-def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: RunContext) -> Counter:
-    """Apply one batch atomically; returns the count of rows actually changed per action.
+def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: RunContext) -> tuple[Counter, list[dict]]:
+    """Apply one batch atomically, with its audit entries written to the source's outbox in the same
+    transaction; returns the count of rows actually changed per action, and those entries.
 
     Each statement RETURNs the keys it really changed, and only those get an audit entry, so a row
     that vanished since the decision is neither counted nor audited."""
@@ -78,11 +92,12 @@ class ApplyRefused(Exception):
 
 
 def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression, groups: dict,
-           run: RunContext) -> Counter:
+           run: RunContext) -> tuple[Counter, list[dict]]:
     counts: Counter = Counter()
     entries = []
     suppressed: dict = {}
     recorded_at = audit.now()
+    subjects: dict = {}  # rows of a batch often share a subject: one HMAC each
     with sources.engine(spec.system).begin() as conn:
         for (action, archived, fields), group in groups.items():
             target = archive if archived else live
@@ -104,7 +119,9 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
             changed = {tuple(row) for row in conn.execute(statement)}
             for planned in group:
                 if tuple(planned.key) in changed:
-                    entries.append(_entry(spec, planned, run, recorded_at))
+                    if planned.subject not in subjects:
+                        subjects[planned.subject] = audit.subject_hash(run.key, planned.subject)
+                    entries.append(_entry(spec, planned, run, recorded_at, subjects[planned.subject]))
                     counts[action] += 1
                     if planned.suppress:
                         for ihash in planned.identifier_hashes:
@@ -116,21 +133,17 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
             conn.execute(delete(suppression).where(suppression.c.identifier_hash.in_(list(suppressed))))
             conn.execute(insert(suppression), [dict(identifier_hash=h, rule=r, added_on=run.as_of, expires_on=until[r])
                                                for h, r in suppressed.items()])
-    return counts
+    return counts, entries
 
 
-def _entry(spec: TableSpec, planned: Planned, run: RunContext, recorded_at) -> dict:
+def _entry(spec: TableSpec, planned: Planned, run: RunContext, recorded_at, subject_hash: str | None) -> dict:
     rhash = audit.record_hash(run.key, spec.system, spec.name, planned.key)
-    purposes = []
-    for name in planned.rules:
-        purposes += [p for p in run.rules.rules[name].purposes if p not in purposes]
     action = planned.action + ("_from_archive" if planned.archived else "")
     return dict(
         entry_id=audit.entry_id(run.run_id, spec.system, spec.name, rhash, action, planned.fields),
         run_id=run.run_id, as_of=run.as_of, system=spec.system, table_name=spec.name, record_hash=rhash,
-        subject_hash=audit.subject_hash(run.key, planned.subject), action=action,
-        rules=",".join(planned.rules), purposes=",".join(purposes), fields=",".join(planned.fields) or None,
-        reason=planned.reason, recorded_at=recorded_at,
-        identifier_hashes=",".join(planned.identifier_hashes) or None, key_id=audit.key_id(run.key),
+        subject_hash=subject_hash, action=action, rules=",".join(planned.rules), purposes=run.purposes(planned.rules),
+        fields=",".join(planned.fields) or None, reason=planned.reason, recorded_at=recorded_at,
+        identifier_hashes=",".join(planned.identifier_hashes) or None, key_id=run.key_id,
         replayed=int(planned.replayed),
     )

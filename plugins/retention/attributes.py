@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, select, tuple_
 
 from .generalise import OTHER, PERSON
 from .rules import Attribute, Related, TableSpec
-from .sources import Sources
+from .sources import Sources, dict_rows
 
 _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": func.count}
 
@@ -108,7 +108,7 @@ def _own_values(sources: Sources, table: TableSpec, keys: list[tuple], columns: 
     condition = pk[0].in_([k[0] for k in keys]) if len(pk) == 1 else tuple_(*pk).in_(keys)
     query = select(*pk, *[source.c[c] for c in columns if c not in table.primary_key]).where(condition)
     with sources.engine(table.system).connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(query)]
+        rows = dict_rows(conn.execute(query))
     return {tuple(row[name] for name in table.primary_key): row for row in rows}
 
 

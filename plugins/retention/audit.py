@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import chain
 from .connections import AUDIT_CONNECTION, make_engine, resolve_url, retention_home
-from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, one_of
+from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, dict_rows, one_of
 
 KEY_ENV = "RETENTION_AUDIT_KEY"
 OLD_KEYS_ENV = "RETENTION_AUDIT_OLD_KEYS"  # comma-separated keys retired by rotation
@@ -187,20 +187,28 @@ class AuditStore:
         moved = 0
         while True:
             with sources.engine(system).connect() as conn:
-                rows = [dict(r._mapping) for r in conn.execute(
-                    select(outbox).order_by(outbox.c.recorded_at, outbox.c.entry_id).limit(batch_size))]
+                rows = dict_rows(conn.execute(
+                    select(outbox).order_by(outbox.c.recorded_at, outbox.c.entry_id).limit(batch_size)))
             if not rows:
                 return moved
-            ids = [r["entry_id"] for r in rows]
-            with self.engine.begin() as conn:
-                known = set(conn.scalars(select(self.entries.c.entry_id).where(
-                    one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
-                fresh = [r for r in rows if r["entry_id"] not in known]
-                self._chain_in(conn, fresh)
-            # Only once the store has committed them may the outbox forget them.
-            with sources.engine(system).begin() as conn:
-                conn.execute(delete(outbox).where(one_of(outbox.c.entry_id, ids, conn.dialect.name)))
-            moved += len(fresh)
+            moved += self.publish_entries(sources, system, rows)
+
+    def publish_entries(self, sources: Sources, system: str, entries: list[dict]) -> int:
+        """Chain entries a source's outbox holds into the store, then let the outbox forget them.
+        Entries the store already has (a crash between the two) are not chained twice."""
+        if not entries:
+            return 0
+        ids = [e["entry_id"] for e in entries]
+        with self.engine.begin() as conn:
+            known = set(conn.scalars(select(self.entries.c.entry_id).where(
+                one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
+            fresh = [e for e in entries if e["entry_id"] not in known]
+            self._chain_in(conn, fresh)
+        # Only once the store has committed them may the outbox forget them.
+        outbox = sources.outbox(system)
+        with sources.engine(system).begin() as conn:
+            conn.execute(delete(outbox).where(one_of(outbox.c.entry_id, ids, conn.dialect.name)))
+        return len(fresh)
 
     def _chain_in(self, conn, entries: list[dict]) -> None:
         """Append entries to the chain inside the caller's transaction. Writing the head first takes
@@ -252,8 +260,8 @@ class AuditStore:
         last = -1
         while True:
             with self.engine.connect() as conn:
-                rows = [dict(r._mapping) for r in conn.execute(
-                    select(self.entries).where(self.entries.c.seq > last).order_by(self.entries.c.seq).limit(batch_size))]
+                rows = dict_rows(conn.execute(
+                    select(self.entries).where(self.entries.c.seq > last).order_by(self.entries.c.seq).limit(batch_size)))
             yield from rows
             if len(rows) < batch_size:
                 return
@@ -297,7 +305,7 @@ class AuditStore:
         from sqlalchemy import or_
 
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(e).where(or_(*conditions)).order_by(e.c.seq))]
+            return dict_rows(conn.execute(select(e).where(or_(*conditions)).order_by(e.c.seq)))
 
     def prune(self, before: date, key: bytes) -> dict | None:
         """Delete the oldest entries, those recorded for as-of dates before `before`, as one prefix

@@ -12,6 +12,7 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from operator import itemgetter
 from pathlib import Path
 
 from .sources import AUDIT_COLUMNS
@@ -21,17 +22,22 @@ CHAINED_FIELDS = tuple(name for name, _ in AUDIT_COLUMNS) + ("seq", "prev_hash")
 
 
 def _plain(value):
+    """How a field that JSON has no type for is written: dates in ISO form, anything else as text."""
     if isinstance(value, datetime):
         return value.isoformat(sep=" ", timespec="microseconds")
     if isinstance(value, date):
         return value.isoformat()
-    return value
+    return str(value)
+
+
+# Built once: every entry of every run is linked, and verified, through it.
+_fields = itemgetter(*CHAINED_FIELDS)
+_canonical = json.JSONEncoder(separators=(",", ":"), default=_plain).encode
 
 
 def link(prev_hash: str, entry: dict) -> str:
     """The hash of an entry: over the previous hash and every field, in a fixed order."""
-    canonical = json.dumps([_plain(entry[name]) for name in CHAINED_FIELDS], separators=(",", ":"), default=str)
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+    return hashlib.sha256((prev_hash + _canonical(_fields(entry))).encode()).hexdigest()
 
 
 def chain(entries: list[dict], seq: int, prev_hash: str) -> tuple[int, str]:

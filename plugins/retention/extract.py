@@ -1,44 +1,27 @@
 """Extract the facts decisions need: keys, dates, statuses and null-flags, never personal values.
 
-Rows are read in key-range batches (keyset pagination), and each related lookup is one grouped
-query per batch, so memory stays bounded by the batch size whatever the table size. Facts are plain
-tuples (see `FactRow`): a first run extracts millions of them.
+Each related value a system's rules read (the latest contract end of a customer, the latest click of
+a subscriber...) is aggregated once per run, in SQL, into a temporary table of the system's database
+(copied there when the related table lives in another system). Rows are then read in key-range
+batches (keyset pagination), each batch one query joining those aggregates, so the database does the
+lookups, and memory stays bounded by the batch size whatever the table size. Facts are plain tuples
+(see `FactRow`): a first run extracts millions of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Table, and_, case, func, literal, select, tuple_
+from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, select, tuple_, union_all
 
 from .audit import identifier_hash
 from .decide import ONGOING
 from .durations import as_date
-from .rules import Item, Related, TableSpec, needed_items, used_events
-from .sources import Sources, one_of
+from .rules import Related, TableSpec, used_events
+from .sources import Sources, bulk_insert
 
 DEFAULT_BATCH = 2000
-
-
-def _pk_columns(table: Table, spec: TableSpec):
-    return [table.c[name] for name in spec.primary_key]
-
-
-def _local_columns(spec: TableSpec) -> list[str]:
-    """Columns of the row itself that items, lookups and the subject read."""
-    names: list[str] = []
-    for item in needed_items(spec):
-        name = item.column if item.column else item.related.local
-        if name not in spec.lookups and name not in names:
-            names.append(name)
-    if spec.subject and spec.subject not in spec.lookups and spec.subject not in names:
-        names.append(spec.subject)
-    return names
-
-
-def presence_label(field: str) -> str:
-    return f"__present__{field}"
-
+STAGED_PREFIX = "retention_related_"
 
 # One extracted row: (key, subject, archived, present, identifier_hashes, events), where `present` is
 # the tuple of strippable fields holding a value and `events` the code of each of the table's
@@ -46,111 +29,151 @@ def presence_label(field: str) -> str:
 FactRow = tuple
 
 
-def batches(sources: Sources, spec: TableSpec, batch_size: int = DEFAULT_BATCH,
-            archived: bool = False, key: bytes | None = None) -> Iterator[list[FactRow]]:
-    """Facts for every row of the table (or of its archive), one batch at a time, in key order.
-    Identifier columns (e-mail...) are read only to be hashed with `key` at once."""
-    table = sources.archive(spec.system, spec.name) if archived else sources.table(spec.system, spec.name)
-    if table is None:
-        return
-    pk = _pk_columns(table, spec)
-    locals_ = [table.c[name] for name in _local_columns(spec) if name not in spec.primary_key]
-    identifiers = [table.c[column].label(f"__identifier__{kind}") for kind, column in spec.identifiers]
-    flags = [case((table.c[f].is_(None), literal(0)), else_=literal(1)).label(presence_label(f))
-             for f in spec.strip_fields]
-    base = select(*pk, *locals_, *identifiers, *flags).order_by(*pk).limit(batch_size)
-    engine = sources.engine(spec.system)
-    last = None
-    while True:
-        query = base
-        if last is not None:
-            query = query.where(tuple_(*pk) > tuple_(*last) if len(pk) > 1 else pk[0] > last[0])
-        with engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        if not rows:
+def presence_label(field: str) -> str:
+    return f"__present__{field}"
+
+
+class Extraction:
+    """The extraction of one system, on one connection that holds its staged aggregates (temporary
+    tables: they vanish with the connection, and a dry run leaves nothing behind)."""
+
+    def __init__(self, sources: Sources, system: str):
+        self.sources, self.system = sources, system
+        self.metadata = MetaData()
+        self.staged: dict[Related, Table] = {}
+
+    def __enter__(self) -> "Extraction":
+        self.conn = self.sources.engine(self.system).connect()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.conn.close()
+
+    def batches(self, spec: TableSpec, batch_size: int = DEFAULT_BATCH, archived: bool = False,
+                key: bytes | None = None) -> Iterator[list[FactRow]]:
+        """Facts for every row of the table (or of its archive), one batch at a time, in key order.
+        Identifier columns (e-mail...) are read only to be hashed with `key` at once."""
+        table = (self.sources.archive(spec.system, spec.name) if archived
+                 else self.sources.table(spec.system, spec.name))
+        if table is None:
             return
-        yield _facts(sources, spec, rows, archived, key)
-        last = tuple(rows[-1][c.name] for c in pk)
-        if len(rows) < batch_size:
-            return
+        query, pk, events = self._query(spec, table)
+        query = query.order_by(*pk).limit(batch_size)
+        labels = [(f, presence_label(f)) for f in spec.strip_fields]
+        identifiers = [(kind, f"__identifier__{kind}") for kind, _ in spec.identifiers] if key is not None else []
+        last = None
+        while True:
+            page = query
+            if last is not None:
+                page = page.where(tuple_(*pk) > tuple_(*last) if len(pk) > 1 else pk[0] > last[0])
+            rows = self.conn.execute(page).all()
+            self.conn.commit()  # no transaction held open between batches
+            if not rows:
+                return
+            names = list(page.selected_columns.keys())
+            at = {name: i for i, name in enumerate(names)}
+            key_at = [at[c.name] for c in pk]
+            subject_at = at[spec.subject] if spec.subject else None
+            label_at = [(f, at[label]) for f, label in labels]
+            identifier_at = [(kind, at[label]) for kind, label in identifiers]
+            event_at = [[(at[value], None if flag is None else at[flag], ongoing) for value, flag, ongoing in items] for items in events]
+            yield [
+                (tuple(row[i] for i in key_at), None if subject_at is None else row[subject_at], archived,
+                 tuple(f for f, i in label_at if row[i]),
+                 tuple(identifier_hash(key, kind, row[i]) for kind, i in identifier_at if row[i] is not None),
+                 tuple(_event_code(row, items) for items in event_at))
+                for row in rows
+            ]
+            last = tuple(rows[-1][i] for i in key_at)
+            if len(rows) < batch_size:
+                return
+
+    def _query(self, spec: TableSpec, table: Table):
+        """The batch query: the row's own columns, its lookups and event items joined from the
+        staged aggregates. Returns (query, primary key columns, per used event its items as
+        (value label, ongoing-flag label, ongoing_if_null))."""
+        pk = [table.c[name] for name in spec.primary_key]
+        columns = list(pk)
+        joined = table
+        aliases: dict[Related, object] = {}
+        lookups: dict[str, object] = {}  # lookup name -> its value, for items linked through it
+
+        def related(rel: Related):
+            if rel not in aliases:
+                staged = self._stage(rel).alias(f"r{len(aliases)}")
+                local = lookups[rel.local] if rel.local in lookups else table.c[rel.local]
+                nonlocal joined
+                joined = joined.outerjoin(staged, staged.c.link == local)
+                aliases[rel] = staged
+            return aliases[rel]
+
+        for name, item in spec.lookups.items():  # lookups first: later items may link through them
+            lookups[name] = related(item.related).c.latest if item.related else table.c[item.column]
+            columns.append(lookups[name].label(name))
+        if spec.subject and spec.subject not in lookups and spec.subject not in spec.primary_key:
+            columns.append(table.c[spec.subject])
+        events = []
+        for e, event in enumerate(used_events(spec).values()):
+            items = []
+            for i, item in enumerate(event.items):
+                value, flag = f"__event__{e}_{i}", f"__ongoing__{e}_{i}"
+                if item.column:
+                    columns.append(table.c[item.column].label(value))
+                    items.append((value, None, item.ongoing_if_null))
+                else:
+                    staged = related(item.related)
+                    columns += [staged.c.latest.label(value), staged.c.nulls.label(flag)]
+                    items.append((value, flag, item.related.ongoing_if_null))
+            events.append(items)
+        columns += [table.c[column].label(f"__identifier__{kind}") for kind, column in spec.identifiers]
+        columns += [case((table.c[f].is_(None), literal(0)), else_=literal(1)).label(presence_label(f))
+                    for f in spec.strip_fields]
+        return select(*columns).select_from(joined), pk, events
+
+    def _stage(self, rel: Related) -> Table:
+        """{link value: latest value, count of NULL values} of a related table, over its live and
+        archived rows alike (moving a record under a legal hold must not move its clocks), in a
+        temporary table of this system's database."""
+        if rel in self.staged:
+            return self.staged[rel]
+        live = self.sources.table(rel.system, rel.table)
+        archive = self.sources.archive(rel.system, rel.table)
+        parts = []
+        for source in [live] + ([archive] if archive is not None else []):
+            column = source.c[rel.column]
+            conditions = [source.c[rel.remote].is_not(None)] + [source.c[c].in_(v) for c, v in rel.where]
+            parts.append(select(source.c[rel.remote].label("link"), column.label("value"),
+                                case((column.is_(None), 1), else_=0).label("null")).where(and_(*conditions)))
+        rows = union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
+        aggregate = select(rows.c.link, func.max(rows.c.value), func.sum(rows.c.null)).group_by(rows.c.link)
+        staged = Table(f"{STAGED_PREFIX}{len(self.staged)}", self.metadata,
+                       Column("link", live.c[rel.remote].type, primary_key=True),
+                       Column("latest", live.c[rel.column].type),
+                       Column("nulls", Integer, nullable=False),
+                       prefixes=["TEMPORARY"])
+        staged.create(self.conn)
+        if rel.system == self.system:
+            self.conn.execute(insert(staged).from_select(["link", "latest", "nulls"], aggregate))
+        else:  # no joins across databases: the aggregate is copied over, a chunk at a time
+            with self.sources.engine(rel.system).connect() as other:
+                result = other.execution_options(yield_per=20_000).execute(aggregate)
+                for chunk in result.partitions():
+                    bulk_insert(self.conn, staged, [dict(link=a, latest=b, nulls=c) for a, b, c in chunk])
+        if self.conn.dialect.name == "postgresql":
+            self.conn.exec_driver_sql(f"ANALYZE {staged.name}")  # temporary tables are never auto-analysed
+        self.conn.commit()
+        self.staged[rel] = staged
+        return staged
 
 
-def _facts(sources: Sources, spec: TableSpec, rows: list[dict], archived: bool, key: bytes | None) -> list[FactRow]:
-    cache: dict[Related, dict] = {}
-    for name, item in spec.lookups.items():  # lookups first: later items may link through them
-        for row, (value, _) in zip(rows, _item_values(sources, item, rows, cache)):
-            row[name] = value
-    events = [_event_codes([_item_values(sources, i, rows, cache) for i in event.items])
-              for event in used_events(spec).values()]
-    per_row = list(zip(*events)) if events else [()] * len(rows)
-    labels = [(f, presence_label(f)) for f in spec.strip_fields]
-    identifiers = [(kind, f"__identifier__{kind}") for kind, _ in spec.identifiers] if key is not None else []
-    return [
-        (tuple(row[c] for c in spec.primary_key), row.get(spec.subject) if spec.subject else None, archived,
-         tuple(f for f, label in labels if row[label]),
-         tuple(identifier_hash(key, kind, row[label]) for kind, label in identifiers if row[label] is not None),
-         codes)
-        for row, codes in zip(rows, per_row)
-    ]
-
-
-def _event_codes(item_values: list[list[tuple]]) -> list:
-    """Per row, the event as the latest of its items; an ongoing item means it has not happened yet."""
-    if len(item_values) == 1:
-        return [_code(value, ongoing) for value, ongoing in item_values[0]]
-    codes = []
-    for values in zip(*item_values):
-        if any(ongoing for _, ongoing in values):
-            codes.append(ONGOING)
-        else:
-            days = [c for c in (_code(v, False) for v, _ in values) if c is not None]
-            codes.append(max(days) if days else None)
-    return codes
-
-
-def _code(value, ongoing: bool) -> int | None:
-    if ongoing:
-        return ONGOING
-    day = as_date(value)
-    return None if day is None else day.toordinal()
-
-
-def _item_values(sources: Sources, item: Item, rows: list[dict], cache: dict) -> list[tuple]:
-    """(latest value, ongoing) of the item for each row."""
-    if item.column:
-        return [(row[item.column], row[item.column] is None and item.ongoing_if_null) for row in rows]
-    rel = item.related
-    if rel not in cache:
-        keys = {row[rel.local] for row in rows if row[rel.local] is not None}
-        cache[rel] = _related_latest(sources, rel, keys)
-    found = cache[rel]
-    values = []
-    for row in rows:
-        latest, nulls = found.get(row[rel.local], (None, 0))
-        values.append((latest, bool(nulls) and rel.ongoing_if_null))
-    return values
-
-
-def _related_latest(sources: Sources, rel: Related, keys: set) -> dict:
-    """{link value: (latest value, count of NULL values)} for the given link values. Archived rows
-    count as much as live ones: moving a record under a legal hold must not move its clocks."""
-    if not keys:
-        return {}
-    found: dict = {}
-    dialect = sources.engine(rel.system).dialect.name
-    live = sources.table(rel.system, rel.table)
-    archive = sources.archive(rel.system, rel.table)
-    for table in [live] + ([archive] if archive is not None else []):
-        link, column = table.c[rel.remote], table.c[rel.column]
-        conditions = [one_of(link, sorted(keys, key=str), dialect)]
-        for name, values in rel.where:
-            conditions.append(table.c[name].in_(values))
-        query = (select(link, func.max(column), func.sum(case((column.is_(None), 1), else_=0)))
-                 .where(and_(*conditions)).group_by(link))
-        with sources.engine(rel.system).connect() as conn:
-            for link_value, latest, nulls in conn.execute(query):
-                previous, previous_nulls = found.get(link_value, (None, 0))
-                if previous is not None and (latest is None or as_date(previous) > as_date(latest)):
-                    latest = previous
-                found[link_value] = (latest, previous_nulls + (nulls or 0))
-    return found
+def _event_code(row, items: list) -> int | None:
+    """The event as the latest of its items; an ongoing item means it has not happened yet."""
+    days = []
+    for value, flag, ongoing_if_null in items:
+        found = row[value]
+        # A column is ongoing when empty; a related item when any related row has it empty.
+        if ongoing_if_null and (found is None if flag is None else bool(row[flag])):
+            return ONGOING
+        if found is not None:
+            days.append(as_date(found).toordinal())
+    return max(days) if days else None

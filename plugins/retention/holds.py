@@ -11,7 +11,7 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text,
 
 from . import audit
 from .rules import Rules, TableSpec
-from .sources import Sources
+from .sources import Sources, dict_rows
 
 HOLDS_TABLE = "retention_holds"
 
@@ -117,8 +117,8 @@ class HoldStore:
         if not self.exists:
             return []
         with self.store.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                select(self.table).where(self.table.c.released_on.is_(None)).order_by(self.table.c.hold_id))]
+            return dict_rows(conn.execute(
+                select(self.table).where(self.table.c.released_on.is_(None)).order_by(self.table.c.hold_id)))
 
     def scopes(self) -> dict:
         held: dict = {}

@@ -31,7 +31,7 @@ from . import staging
 from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Facts, decide, event_value,
                      reapply_after_restore)
 from .chain import write_published_head
-from .extract import DEFAULT_BATCH, batches
+from .extract import DEFAULT_BATCH, Extraction
 from .rules import Rules, SystemSpec, TableSpec, used_events
 from .run_lock import RunLock
 from .sources import Sources
@@ -85,10 +85,10 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
                    progress: Progress | None = None) -> int:
     """Write the facts of every mapped row (live and archived) of one system. Returns rows read."""
     total = 0
-    with staging.BatchWriter(_staging(run, system, "facts")) as out:
+    with Extraction(sources, system) as extraction, staging.BatchWriter(_staging(run, system, "facts")) as out:
         for spec in deletion_order(sources, rules.system(system)):
             for archived in (False, True):
-                for batch in batches(sources, spec, run.batch_size, archived=archived, key=key):
+                for batch in extraction.batches(spec, run.batch_size, archived=archived, key=key):
                     out.write(spec.name, batch)
                     total += len(batch)
                     if progress:
@@ -443,11 +443,14 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     statistics = _open_statistics(sources, spec, run, releases)
     context = RunContext(run.run_id, run.as_of, key, rules)
     done: Counter = Counter()
+    published = 0
     for table_name, batch in staging.read_batches(_staging(run, system, "to_apply")):
-        done.update(apply_batch(sources, spec.tables[table_name], batch, context))
+        counts, entries = apply_batch(sources, spec.tables[table_name], batch, context)
+        done.update(counts)
+        # Published at once from memory; a crash before this leaves them in the outbox for the next run.
+        published += store.publish_entries(sources, system, entries)
         if progress:
             progress(system, table_name, len(batch))
-    published = store.publish(sources, system)
     if statistics is not None:
         _publish_releases(statistics, store, spec, run, key, releases)
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)

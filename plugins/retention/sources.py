@@ -43,6 +43,12 @@ def one_of(column, values, dialect: str):
     return column.in_(values)
 
 
+def dict_rows(result) -> list[dict]:
+    """A result's rows as dicts, fetched at once (iterating Row objects costs twice as much)."""
+    names = list(result.keys())
+    return [dict(zip(names, row)) for row in result.all()]
+
+
 def bulk_insert(conn, table: Table, rows: list[dict]) -> None:
     """Insert rows inside the caller's transaction. On PostgreSQL through COPY: an executemany sends
     one INSERT per row, and audit entries come by the hundred thousand."""
