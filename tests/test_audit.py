@@ -111,6 +111,45 @@ def test_rewritten_chain_is_caught_by_the_published_head(trail, retention_home):
     assert not result.ok and "the trail was rewritten" in result.problems[0]
 
 
+def more_deletions(backend, first: int, count: int = 3) -> None:
+    for n in range(first, first + count):
+        backend.insert("crm", "fraud_alerts", dict(alert_id=n, customer_number=f"F{n}", raised_on=D("2015-01-01")))
+
+
+def test_a_run_checks_the_whole_chain_then_only_what_follows_the_last_published_head(trail):
+    [first] = [json.loads(r["summary"]) for r in trail.rows("audit", "retention_runs")]
+    assert first["audit_verification"] == {**first["audit_verification"], "ok": True, "scope": "full", "entries": 7}
+    more_deletions(trail, 8)
+    second = run_retention("2020-01-02", systems=["crm"])
+    checked = second["audit_verification"]
+    assert checked["ok"] and checked["scope"] == "incremental"
+    assert (checked["from_seq"], checked["from_run"], checked["entries"]) == (7, first["run_id"], 3)
+    assert "entries after seq 7 checked" in open(second["report"]["html"]).read()
+
+
+def test_the_incremental_check_catches_a_rewrite_of_what_came_before(trail):
+    rows = entries(trail)
+    rows[2]["reason"] = "kept"
+    seq, head = chain.chain(rows, 0, chain.GENESIS)  # a consistent forgery of the whole chain
+    insert_entries(trail, rows, replace_all=True)
+    sql(trail, f"UPDATE retention_audit_head SET seq = {seq}, entry_hash = '{head}'")
+    more_deletions(trail, 8)
+    checked = run_retention("2020-01-02", systems=["crm"])["audit_verification"]
+    assert checked["scope"] == "incremental" and not checked["ok"]
+    assert "does not follow" in checked["problems"][0]
+
+
+def test_a_week_after_the_last_full_check_a_run_checks_everything_again(trail):
+    sql(trail, "UPDATE retention_audit SET reason = 'kept' WHERE seq = 3")  # no rewrite: only a full check sees it
+    more_deletions(trail, 8)
+    checked = run_retention("2020-01-02", systems=["crm"])["audit_verification"]
+    assert checked["ok"] and checked["scope"] == "incremental"
+    sql(trail, "UPDATE retention_runs SET finished_at = '2000-01-01 00:00:00'")
+    more_deletions(trail, 11)
+    checked = run_retention("2020-01-03", systems=["crm"])["audit_verification"]
+    assert checked["scope"] == "full" and not checked["ok"] and "seq 3" in checked["problems"][0]
+
+
 def test_verify_command_exits_non_zero_and_names_the_entry(trail):
     ok = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "verify"], capture_output=True, text=True)
     assert ok.returncode == 0 and "7 entries" in ok.stdout

@@ -253,11 +253,11 @@ class AuditStore:
             row = conn.execute(select(self.checkpoints).order_by(self.checkpoints.c.seq.desc()).limit(1)).first()
         return dict(row._mapping) if row else None
 
-    def entries_in_order(self, batch_size: int = 5000):
-        """Every entry by seq, streamed in key ranges."""
+    def entries_in_order(self, after: int = -1, batch_size: int = 5000):
+        """Every entry by seq (those after `after`), streamed in key ranges."""
         if not self.exists:
             return
-        last = -1
+        last = after
         while True:
             with self.engine.connect() as conn:
                 rows = dict_rows(conn.execute(
@@ -267,9 +267,25 @@ class AuditStore:
                 return
             last = rows[-1]["seq"]
 
-    def verify(self, published: list[dict], keys: dict) -> chain.Verification:
-        return chain.verify(self.entries_in_order(), self.latest_checkpoint(),
-                            self.chain_head() if self.exists else None, published, keys)
+    def verify(self, published: list[dict], keys: dict, start: dict | None = None) -> chain.Verification:
+        """The whole chain, or (`start`: a published head) the entries after it."""
+        checkpoint = self.latest_checkpoint()
+        if start is not None and checkpoint is not None and start["seq"] < checkpoint["seq"]:
+            start = None  # pruned since: from the checkpoint
+        return chain.verify(self.entries_in_order(start["seq"] if start else -1), checkpoint,
+                            self.chain_head() if self.exists else None, published, keys, start)
+
+    def last_full_verification(self) -> datetime | None:
+        """When a run last verified the whole chain, successfully."""
+        if not self.exists:
+            return None
+        with self.engine.connect() as conn:
+            for finished_at, summary in conn.execute(select(self.runs.c.finished_at, self.runs.c.summary)
+                                                     .order_by(self.runs.c.finished_at.desc())):
+                verification = json.loads(summary or "{}").get("audit_verification") or {}
+                if verification.get("scope") == "full" and verification.get("ok"):
+                    return finished_at
+        return None
 
     def removed_tables(self, system: str) -> set:
         """Tables of the system with at least one removal recorded."""

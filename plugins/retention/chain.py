@@ -78,21 +78,35 @@ class Verification:
     heads_checked: int = 0
     problems: list = field(default_factory=list)
     first_bad: dict | None = None
+    from_seq: int = 0  # entries after this one were verified (0: from the start or the checkpoint)
+    from_run: str | None = None  # whose published head they were verified from, when not all were
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def scope(self) -> str:
+        return "full" if self.from_run is None else "incremental"
 
     def fail(self, message: str, entry: dict | None = None) -> None:
         if entry is not None and self.first_bad is None:
             self.first_bad = {"seq": entry.get("seq"), "entry_id": entry.get("entry_id")}
         self.problems.append(message)
 
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "scope": self.scope, "entries": self.entries, "from_seq": self.from_seq,
+                "from_run": self.from_run, "head_seq": self.head_seq, "heads_checked": self.heads_checked,
+                "problems": self.problems}
+
 
 def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: list[dict],
-           keys: dict) -> Verification:
-    """Check a trail. `rows` are the entries ordered by seq; `checkpoint` the latest pruning
-    checkpoint; `stored_head` (seq, hash) as the store says; `keys` maps key ids to HMAC keys."""
+           keys: dict, start: dict | None = None) -> Verification:
+    """Check a trail. `rows` are the entries ordered by seq (from `start` on, when given); `checkpoint`
+    the latest pruning checkpoint; `stored_head` (seq, hash) as the store says; `keys` maps key ids
+    to HMAC keys. `start`, a published head, verifies only the entries after it: the first of them
+    must follow the published hash, so a rewrite of anything before it is caught too; an entry
+    altered without rewriting the hashes after it is caught only by a full verification."""
     result = Verification()
     seq, prev = 0, GENESIS
     if checkpoint is not None:
@@ -105,7 +119,12 @@ def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: 
         elif not hmac.compare_digest(expected, checkpoint["signature"]):
             result.fail(f"checkpoint at seq {checkpoint['seq']} has a bad signature: it was altered")
         seq, prev = checkpoint["seq"], checkpoint["entry_hash"]
-    by_seq: dict[int, str] = {}
+    if start is not None and start["seq"] > seq:
+        seq, prev = start["seq"], start["entry_hash"]
+        result.from_run = start["run_id"]
+    floor = result.from_seq = seq
+    wanted = {head["seq"] for head in published}  # only these hashes are kept: memory stays flat
+    by_seq: dict[int, str] = {seq: prev}
     for row in rows:
         result.entries += 1
         if row["seq"] != seq + 1:
@@ -119,7 +138,8 @@ def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: 
             result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): its content does not match "
                         "its hash (a field was changed)", row)
         seq, prev = row["seq"], row["entry_hash"]
-        by_seq[seq] = prev
+        if seq in wanted:
+            by_seq[seq] = prev
         if result.problems:
             break
     result.head_seq, result.head_hash = seq, prev
@@ -128,13 +148,10 @@ def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: 
     if stored_head is not None and tuple(stored_head) != (seq, prev):
         result.fail(f"the chain ends at seq {seq} but the store's head says seq {stored_head[0]}: "
                     "entries after the last one were deleted, or the head was altered")
-    floor = checkpoint["seq"] if checkpoint else 0
     for head in published:
         if head["seq"] < floor:
-            continue  # pruned under a signed checkpoint
-        actual = checkpoint["entry_hash"] if checkpoint and head["seq"] == floor else by_seq.get(head["seq"])
-        if head["seq"] == 0:
-            actual = GENESIS
+            continue  # pruned under a signed checkpoint, or before the start of an incremental check
+        actual = by_seq.get(head["seq"])
         result.heads_checked += 1
         if actual != head["entry_hash"]:
             result.fail(f"published head of run {head['run_id']} ({head.get('file', '?')}) says seq {head['seq']} "

@@ -367,7 +367,7 @@ def cmd_report(args) -> int:
     from sqlalchemy import select
 
     from . import report
-    from .audit import AuditStore, all_keys
+    from .audit import AuditStore
     from .connections import retention_home
     from .pipeline import safe_name
 
@@ -387,7 +387,7 @@ def cmd_report(args) -> int:
     if summary is None:
         raise UsageProblem(f"no run {args.run!r} recorded" if args.run else "no enforced run recorded yet")
     target = Path(args.out) if args.out else retention_home() / "runs" / safe_name(summary["run_id"])
-    paths = report.write(rules, summary, store, retention_home() / "runs", all_keys(), target)
+    paths = report.write(rules, summary, store, target)
     pdf = paths.get("pdf") or f"no PDF: {paths.get('pdf_missing')}"
     out.print(f"Report of run {summary['run_id']} (as of {summary['as_of']}): {paths['html']}, {pdf}, {paths['json']}",
               markup=False)

@@ -16,7 +16,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -30,7 +30,7 @@ from .connections import retention_home
 from . import staging
 from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Facts, decide, event_value,
                      reapply_after_restore)
-from .chain import write_published_head
+from .chain import read_published_heads, write_published_head
 from .extract import DEFAULT_BATCH, Extraction
 from .rules import Rules, SystemSpec, TableSpec, used_events
 from .run_lock import RunLock
@@ -573,12 +573,31 @@ def finish(rules: Rules, run: Run, use_airflow: bool = False, steps: list | None
         seq, entry_hash = store.chain_head()
         summary["audit_chain_head"] = write_published_head(run.directory / "chain_head.json", run.run_id, seq, entry_hash)
         log.info("audit chain head after run %s: seq %d, hash %s", run.run_id, seq, entry_hash)
+    if store.exists:
+        summary["audit_verification"] = verify_trail(store, run, use_airflow).to_json()
+    if not run.dry_run:
         store.record_run(run.run_id, run.as_of, run.mode, run.systems, summary, summary["status"])
-    summary["report"] = report.write(rules, summary, store, retention_home() / "runs",
-                                     audit_mod.all_keys(use_airflow), run.directory)
+    summary["report"] = report.write(rules, summary, store, run.directory)
     write_summary(run, summary)
     cleanup_staging(run)
     return summary
+
+
+def verify_trail(store: audit_mod.AuditStore, run: Run, use_airflow: bool = False):
+    """The audit chain, checked for the run's report: in full when no run did so successfully in
+    the last days, else the entries after the latest head published by an earlier run (a full
+    check of a trail of millions of entries every night would grow without end)."""
+    published = read_published_heads([retention_home() / "runs"])
+    last_full = store.last_full_verification()
+    start = None
+    if last_full is not None and audit_mod.now() - last_full < timedelta(days=report.FULL_VERIFICATION_DAYS):
+        seq, _ = store.chain_head()
+        earlier = [h for h in published if h["run_id"] != run.run_id and h["seq"] <= seq]
+        start = max(earlier, key=lambda h: h["seq"], default=None)
+    verification = store.verify(published, audit_mod.all_keys(use_airflow), start)
+    if not verification.ok:
+        log.error("the audit trail failed verification: %s", "; ".join(verification.problems))
+    return verification
 
 
 def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progress | None = None) -> dict:

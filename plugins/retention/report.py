@@ -13,19 +13,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .chain import read_published_heads
 from .decide import ACTIONS, CHANGING
 from .rules import Rules
 
 log = logging.getLogger("retention")
 TREND_RUNS = 14
+FULL_VERIFICATION_DAYS = 7  # a run verifies the whole audit chain when the last full check is older
 COLOURS = {"delete": "#c0392b", "strip": "#e67e22", "archive": "#8e44ad", "anonymise": "#2980b9",
            "keep": "#95a5a6", "report_only": "#16a085"}
 
 
-def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) -> dict:
+def build(rules: Rules, summary: dict, store) -> dict:
     """Everything the report shows, as plain data."""
-    verification = store.verify(read_published_heads([runs_directory]), keys) if store.exists else None
+    verification = summary.get("audit_verification")  # done by the run, as it finished
     return {
         "run": {k: summary.get(k) for k in ("run_id", "as_of", "mode", "kind", "systems", "force")},
         "actions": summary["actions"],
@@ -45,8 +45,9 @@ def build(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict) 
         "audit": {
             "entries_total": summary.get("audit_entries_total"),
             "chain_head": summary.get("audit_chain_head"),
-            "verified": None if verification is None else verification.ok,
-            "problems": [] if verification is None else verification.problems,
+            "verified": None if verification is None else verification["ok"],
+            "problems": [] if verification is None else verification["problems"],
+            "verification": verification,
         },
         "rules_in_force": _rules_in_force(rules),
         "status": summary.get("status", "success"),
@@ -297,9 +298,16 @@ def _audit(audit: dict) -> str:
     if audit["verified"] is None:
         return "<p>No audit store yet (a dry run writes none).</p>"
     head = audit["chain_head"] or {}
+    checked = audit["verification"]
     status = ("<span class='good'>verified</span>" if audit["verified"]
               else "<span class='bad'>FAILED verification</span>: " + _e("; ".join(audit["problems"])))
-    return (f"<p>Chain {status}. {_e(audit['entries_total'])} entries; head after this run: seq "
+    if checked["scope"] == "full":
+        scope = f"every entry checked ({_e(checked['entries'])})"
+    else:
+        scope = (f"the {_e(checked['entries'])} entries after seq {_e(checked['from_seq'])} checked, from the head "
+                 f"published by run {_e(checked['from_run'])}; the whole chain is checked at least every "
+                 f"{FULL_VERIFICATION_DAYS} days, and at any time by <code>retention audit verify</code>")
+    return (f"<p>Chain {status}: {scope}. {_e(audit['entries_total'])} entries; head after this run: seq "
             f"{_e(head.get('seq', '-'))}, hash <code>{_e(head.get('entry_hash', '-'))}</code> (published in "
             "chain_head.json beside this report and in the task log).</p>")
 
@@ -326,9 +334,9 @@ def print_pdf(html_path: Path, pdf_path: Path) -> str | None:
     return None
 
 
-def write(rules: Rules, summary: dict, store, runs_directory: Path, keys: dict, out: Path) -> dict:
+def write(rules: Rules, summary: dict, store, out: Path) -> dict:
     """Write report.json, report.html and report.pdf into `out`; returns their paths."""
-    report = build(rules, summary, store, runs_directory, keys)
+    report = build(rules, summary, store)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
     (out / "report.html").write_text(render_html(report), encoding="utf-8")

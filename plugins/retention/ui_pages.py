@@ -9,7 +9,7 @@ import json
 from sqlalchemy import select
 
 from . import report
-from .audit import AuditStore, all_keys
+from .audit import AuditStore
 from .connections import retention_home
 from .decide import CHANGING
 from .pipeline import safe_name
@@ -62,5 +62,5 @@ def run_page(run_id: str) -> str | None:
     written = retention_home() / "runs" / safe_name(run_id) / "report.html"
     if written.exists():
         return written.read_text(encoding="utf-8")
-    built = report.build(load_rules(), summary, store, retention_home() / "runs", all_keys(use_airflow=True))
+    built = report.build(load_rules(), summary, store)
     return report.render_html(built)
