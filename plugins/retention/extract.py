@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, select, tuple_, union_all
+from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, select, union_all
 
 from .audit import identifier_hash
 from .decide import ONGOING
@@ -58,35 +58,26 @@ class Extraction:
         if table is None:
             return
         query, pk, events = self._query(spec, table)
-        query = query.order_by(*pk).limit(batch_size)
-        labels = [(f, presence_label(f)) for f in spec.strip_fields]
-        identifiers = [(kind, f"__identifier__{kind}") for kind, _ in spec.identifiers] if key is not None else []
-        last = None
-        while True:
-            page = query
-            if last is not None:
-                page = page.where(tuple_(*pk) > tuple_(*last) if len(pk) > 1 else pk[0] > last[0])
-            rows = self.conn.execute(page).all()
-            self.conn.commit()  # no transaction held open between batches
-            if not rows:
-                return
-            names = list(page.selected_columns.keys())
-            at = {name: i for i, name in enumerate(names)}
-            key_at = [at[c.name] for c in pk]
-            subject_at = at[spec.subject] if spec.subject else None
-            label_at = [(f, at[label]) for f, label in labels]
-            identifier_at = [(kind, at[label]) for kind, label in identifiers]
-            event_at = [[(at[value], None if flag is None else at[flag], ongoing) for value, flag, ongoing in items] for items in events]
+        query = query.order_by(*pk)
+        at = {name: i for i, name in enumerate(query.selected_columns.keys())}
+        key_at = [at[c.name] for c in pk]
+        subject_at = at[spec.subject] if spec.subject else None
+        present_at = [(f, at[presence_label(f)]) for f in spec.strip_fields]
+        identifier_at = [(kind, at[f"__identifier__{kind}"]) for kind, _ in spec.identifiers] if key is not None else []
+        event_at = [[(at[value], None if flag is None else at[flag], ongoing) for value, flag, ongoing in items]
+                    for items in events]
+        # One query per table, streamed: the database joins the aggregates once (hash joins), where
+        # a query per key range would plan and probe them again for every batch.
+        result = self.conn.execute(query, execution_options={"stream_results": True, "yield_per": batch_size})
+        for rows in result.partitions():
             yield [
                 (tuple(row[i] for i in key_at), None if subject_at is None else row[subject_at], archived,
-                 tuple(f for f, i in label_at if row[i]),
+                 tuple(f for f, i in present_at if row[i]),
                  tuple(identifier_hash(key, kind, row[i]) for kind, i in identifier_at if row[i] is not None),
                  tuple(_event_code(row, items) for items in event_at))
                 for row in rows
             ]
-            last = tuple(rows[-1][i] for i in key_at)
-            if len(rows) < batch_size:
-                return
+        self.conn.commit()
 
     def _query(self, spec: TableSpec, table: Table):
         """The batch query: the row's own columns, its lookups and event items joined from the
@@ -156,7 +147,7 @@ class Extraction:
             self.conn.execute(insert(staged).from_select(["link", "latest", "nulls"], aggregate))
         else:  # no joins across databases: the aggregate is copied over, a chunk at a time
             with self.sources.engine(rel.system).connect() as other:
-                result = other.execution_options(yield_per=20_000).execute(aggregate)
+                result = other.execute(aggregate, execution_options={"stream_results": True, "yield_per": 20_000})
                 for chunk in result.partitions():
                     bulk_insert(self.conn, staged, [dict(link=a, latest=b, nulls=c) for a, b, c in chunk])
         if self.conn.dialect.name == "postgresql":

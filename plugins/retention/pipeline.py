@@ -254,7 +254,7 @@ class _Decider:
     state and hold get the same decision, so it is taken once per such signature (rows of a large
     table share theirs by the thousand). The memo is bounded: memory does not grow with the table."""
 
-    LIMIT = 100_000
+    LIMIT = 20_000
 
     def __init__(self, table: TableSpec, as_of: date, settings):
         self.table, self.as_of, self.settings = table, as_of, settings
