@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
+import numpy as np
 import pandas as pd
 
 from .rules import Anonymisation
@@ -64,8 +65,15 @@ def departement_of(value) -> str:
 
 def generalise(values: pd.Series, step) -> pd.Series:
     """Values at one step of a ladder, as categories of strings (compact however many records);
-    missing values become "unknown"."""
-    return _step(values, step).astype("category")
+    missing values become "unknown". The step is computed once per distinct value, not per record:
+    millions of records hold a few thousand dates or codes."""
+    codes, uniques = pd.factorize(values)
+    labels = _step(pd.Series(uniques), step).astype(object).to_numpy()
+    missing = "*" if step == "*" else UNKNOWN
+    categories = np.unique(np.append(labels, missing).astype(str))  # sorted, as astype("category") sorts
+    label_codes = pd.Index(categories).get_indexer(labels)
+    stepped = np.where(codes >= 0, label_codes[codes] if len(labels) else 0, categories.searchsorted(missing))
+    return pd.Series(pd.Categorical.from_codes(stepped, categories=categories), index=values.index)
 
 
 def _step(values: pd.Series, step) -> pd.Series:
