@@ -102,7 +102,7 @@ def crm(q: _Sql) -> list[str]:
     litigation, claimed, open_ = "0.02", "0.25", "0.06"
     return [q.plan(), f"""
     INSERT INTO companies
-    SELECT customer_number, 'Company ' || i, lpad((i * 7919 % 999999999)::text, 9, '0'),
+    SELECT customer_number, 'Company ' || i, lpad((i::bigint * 7919 % 999999999)::text, 9, '0'),
            (ARRAY['Industrie','Commerce','BTP','Transport','Conseil','Santé'])[1 + i % 6],
            lpad((1 + i % 95)::text, 2, '0'), lpad((i % 99999)::text, 5, '0'), 1 + i % 300,
            (ARRAY['TPE','PME','ETI'])[1 + i % 3], i || ' rue du Commerce', i || ' rue des Livraisons',
