@@ -144,3 +144,28 @@ def test_crash_mid_run_leaves_source_and_audit_consistent(backend, monkeypatch):
     assert backend.rows("crm", "fraud_alerts") == []
     assert backend.rows("crm", "retention_audit_outbox") == []
     assert len(audit_rows(backend)) == 7
+
+
+def test_a_decision_taken_once_per_signature_is_the_decision_of_each_row(monkeypatch):
+    """Rows that differ only in what the signature leaves out (key, subject) share a decision; rows
+    that differ in filled fields, archive state or hold get their own, memo cleared or not."""
+    from datetime import date
+
+    from retention.decide import decide, event_value
+    from retention.rules import load_rules
+    from tests.conftest import RULES
+
+    rules = load_rules(RULES)
+    table = rules.system("crm").tables["companies"]
+    as_of = date(2026, 6, 1)
+    decider = pipeline._Decider(table, as_of, rules.settings)
+    monkeypatch.setattr(pipeline._Decider, "LIMIT", 3)
+    ended = date(2021, 1, 1).toordinal()
+    events = tuple(ended for _ in decider.names)
+    rows = [(events, present, archived, hold) for present in ((), ("iban", "bic")) for archived in (False, True)
+            for hold in (None, "litigation")]
+    for signature in rows + rows:
+        facts = decider.facts(*signature[:3])
+        assert facts.events == {n: event_value(c) for n, c in zip(decider.names, events)}
+        assert decider(*signature) == decide(table, facts, as_of, rules.settings, signature[3])
+    assert len({decider(*signature).action for signature in rows}) > 1
