@@ -67,15 +67,6 @@ class Decision:
     upcoming: tuple = ()  # ((rule, last day kept), ...) of the rules still running, for forecasts
 
 
-def latest_of(values) -> EventValue:
-    """An event is the latest of its items; an ongoing item means it has not happened yet."""
-    values = list(values)
-    if any(v.ongoing for v in values):
-        return EventValue(ongoing=True)
-    days = [v.day for v in values if v.day is not None]
-    return EventValue(day=max(days)) if days else EventValue()
-
-
 def rule_status(binding: Binding, facts: Facts, as_of: date, settings: Settings) -> RuleStatus:
     rule = binding.rule
     events = facts.events or {}
