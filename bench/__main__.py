@@ -47,6 +47,14 @@ def main(argv=None) -> int:
                   f"  end states: {'IDENTICAL' if not result.mismatches else 'DIFFERENT'}", flush=True)
             for problem in result.mismatches:
                 print(f"  DIFFERENT {problem}", flush=True)
+            print(f"  next night (as of the day after): {result.night_actions:,} actions "
+                  f"({result.night_baseline_actions:,} by the baseline)\n"
+                  f"    enforcement {result.night_engine_seconds:8.1f} s  peak RSS {result.night_rss_mb:,.0f} MB\n"
+                  f"    baseline    {result.night_baseline_seconds:8.1f} s\n"
+                  f"    enforcement / baseline: {result.night_ratio:.2f}\n"
+                  f"    end states: {'IDENTICAL' if not result.night_mismatches else 'DIFFERENT'}", flush=True)
+            for problem in result.night_mismatches:
+                print(f"    DIFFERENT {problem}", flush=True)
     finally:
         server.stop()
     if len(results) > 1:
@@ -58,7 +66,7 @@ def main(argv=None) -> int:
               f"peak RSS x{last.engine_rss_mb / first.engine_rss_mb:.2f}")
     for name, seconds in dag_parse_times().items():
         print(f"DAG parse: dags/{name} {seconds:.3f} s")
-    if any(r.mismatches for r in results):
+    if any(r.mismatches or r.night_mismatches for r in results):
         print("END STATES DIFFER: a bug in the enforcement or in the baseline", file=sys.stderr)
         return 1
     return 0

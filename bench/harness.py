@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import psycopg
@@ -37,10 +37,21 @@ class Result:
     engine_rss_mb: float = 0.0
     audit_entries: int = 0
     mismatches: list = field(default_factory=list)
+    # The next night (as of the day after), on the end state of the first run: the nightly cost.
+    night_actions: int = 0
+    night_baseline_actions: int = 0
+    night_engine_seconds: float = 0.0
+    night_baseline_seconds: float = 0.0
+    night_rss_mb: float = 0.0
+    night_mismatches: list = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         return self.engine_seconds / self.baseline_seconds if self.baseline_seconds else float("inf")
+
+    @property
+    def night_ratio(self) -> float:
+        return self.night_engine_seconds / self.night_baseline_seconds if self.night_baseline_seconds else float("inf")
 
 
 def _admin(server) -> psycopg.Connection:
@@ -140,17 +151,29 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
     result.rows = sum(n for tables in counts.values() for n in tables.values())
     log(f"scale {scale:g}: generated {result.rows:,} rows in {time.perf_counter() - started:.0f} s "
         + ", ".join(f"{s}.{t} {n:,}" for s, tables in counts.items() for t, n in tables.items()))
+    conninfo = {s: _libpq(server.url(f"base_{s}")) for s in SYSTEMS}
+    next_day = as_of + timedelta(days=1)
     with tempfile.TemporaryDirectory(prefix="retention-bench-") as home:
         summary, result.engine_seconds, result.engine_rss_mb = run_engine(server, as_of, Path(home), batch_size)
-    result.examined = sum(summary["actions"].values())
-    result.engine_actions = sum(sum(actions.values()) for actions in summary["applied"].values())
-    result.audit_entries = summary["audit_entries_total"]
-    conninfo = {s: _libpq(server.url(f"base_{s}")) for s in SYSTEMS}
+        result.examined = sum(summary["actions"].values())
+        result.engine_actions = _applied(summary)
+        result.audit_entries = summary["audit_entries_total"]
+        started = time.perf_counter()
+        result.baseline_actions = baseline.run(conninfo, as_of, AUDIT_KEY.encode())
+        result.baseline_seconds = time.perf_counter() - started
+        result.mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
+
+        summary, result.night_engine_seconds, result.night_rss_mb = run_engine(server, next_day, Path(home), batch_size)
+        result.night_actions = _applied(summary)
     started = time.perf_counter()
-    result.baseline_actions = baseline.run(conninfo, as_of, AUDIT_KEY.encode())
-    result.baseline_seconds = time.perf_counter() - started
-    result.mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
+    result.night_baseline_actions = baseline.run(conninfo, next_day, AUDIT_KEY.encode())
+    result.night_baseline_seconds = time.perf_counter() - started
+    result.night_mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
     return result
+
+
+def _applied(summary: dict) -> int:
+    return sum(sum(actions.values()) for actions in summary["applied"].values())
 
 
 def dag_parse_times() -> dict[str, float]:
