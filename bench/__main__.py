@@ -42,19 +42,13 @@ def main(argv=None) -> int:
                   f"  enforcement {result.engine_seconds:8.1f} s  {result.examined / result.engine_seconds:10,.0f} rows/s"
                   f"  peak RSS {result.engine_rss_mb:,.0f} MB\n"
                   f"  baseline    {result.baseline_seconds:8.1f} s  "
-                  f"{result.examined / result.baseline_seconds:10,.0f} rows/s\n"
-                  f"  enforcement / baseline: {result.ratio:.2f}\n"
-                  f"  end states: {'IDENTICAL' if not result.mismatches else 'DIFFERENT'}", flush=True)
-            for problem in result.mismatches:
-                print(f"  DIFFERENT {problem}", flush=True)
+                  f"{result.examined / result.baseline_seconds:10,.0f} rows/s", flush=True)
+            _verdict("  ", result.ratio, result.mismatches)
             print(f"  next night (as of the day after): {result.night_actions:,} actions "
                   f"({result.night_baseline_actions:,} by the baseline)\n"
                   f"    enforcement {result.night_engine_seconds:8.1f} s  peak RSS {result.night_rss_mb:,.0f} MB\n"
-                  f"    baseline    {result.night_baseline_seconds:8.1f} s\n"
-                  f"    enforcement / baseline: {result.night_ratio:.2f}\n"
-                  f"    end states: {'IDENTICAL' if not result.night_mismatches else 'DIFFERENT'}", flush=True)
-            for problem in result.night_mismatches:
-                print(f"    DIFFERENT {problem}", flush=True)
+                  f"    baseline    {result.night_baseline_seconds:8.1f} s", flush=True)
+            _verdict("    ", result.night_ratio, result.night_mismatches)
     finally:
         server.stop()
     if len(results) > 1:
@@ -70,6 +64,13 @@ def main(argv=None) -> int:
         print("END STATES DIFFER: a bug in the enforcement or in the baseline", file=sys.stderr)
         return 1
     return 0
+
+
+def _verdict(indent: str, ratio: float, mismatches: list) -> None:
+    print(f"{indent}enforcement / baseline: {ratio:.2f}\n"
+          f"{indent}end states: {'IDENTICAL' if not mismatches else 'DIFFERENT'}", flush=True)
+    for problem in mismatches:
+        print(f"{indent}DIFFERENT {problem}", flush=True)
 
 
 if __name__ == "__main__":
