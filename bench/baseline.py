@@ -185,7 +185,12 @@ def run(conninfo: dict[str, str], as_of: date, key: bytes) -> int:
                                 UNION ALL SELECT customer_number, false, NULL, occurred_at::date FROM interactions
                                           WHERE initiated_by = 'customer') facts
                           GROUP BY customer_number""")
-        held = "SELECT DISTINCT customer_number FROM claims WHERE status = 'litigation'"
+        # A claim in litigation holds its customer from wherever it is: a run archives it under the
+        # hold it causes, and the hold lasts as long as the litigation.
+        claims = ["claims"]
+        if crm_db.execute("SELECT to_regclass('retention_archive__claims')").fetchone()[0]:
+            claims.append("retention_archive__claims")
+        held = " UNION ".join(f"SELECT DISTINCT customer_number FROM {t} WHERE status = 'litigation'" for t in claims)
         invoiced = "SELECT customer_number, max(issued_on) FROM invoices GROUP BY customer_number"
         _copy(crm_db, held, acc_db, "held", "customer_number varchar(12)")
         _copy(crm_db, held, mkt_db, "held", "customer_number varchar(12)")

@@ -10,10 +10,12 @@ from bench.harness import run_scale
 
 
 def test_enforcement_and_hand_written_sql_leave_the_same_sources(postgres):
-    result = run_scale(postgres, 0.01, seed=7, as_of=date(2026, 6, 1), log=lambda line: None)
+    # Seed 42 has, on the second night, a subscriber whose customer is held by a claim in litigation
+    # the first night archived: the hold must still apply (a baseline reading live claims only differed).
+    result = run_scale(postgres, 0.01, seed=42, as_of=date(2026, 6, 1), log=lambda line: None)
     assert result.mismatches == []
     assert result.engine_actions == result.baseline_actions > 0
     assert result.audit_entries >= result.engine_actions
     # The next night too: the nightly figure compares like with like.
     assert result.night_mismatches == []
-    assert result.night_actions == result.night_baseline_actions
+    assert result.night_actions == result.night_baseline_actions > 0
