@@ -199,11 +199,17 @@ class AuditStore:
         if not entries:
             return 0
         ids = [e["entry_id"] for e in entries]
-        with self.engine.begin() as conn:
-            known = set(conn.scalars(select(self.entries.c.entry_id).where(
-                one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
-            fresh = [e for e in entries if e["entry_id"] not in known]
-            self._chain_in(conn, fresh)
+        fresh = entries
+        try:
+            # The store nearly never has them: chained in as they are, without looking each one up first.
+            with self.engine.begin() as conn:
+                self._chain_in(conn, fresh)
+        except IntegrityError:  # it had some (entry_id is its key): the whole attempt rolled back
+            with self.engine.begin() as conn:
+                known = set(conn.scalars(select(self.entries.c.entry_id).where(
+                    one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
+                fresh = [e for e in entries if e["entry_id"] not in known]
+                self._chain_in(conn, fresh)
         # Only once the store has committed them may the outbox forget them.
         outbox = sources.outbox(system)
         with sources.engine(system).begin() as conn:

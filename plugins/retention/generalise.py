@@ -67,6 +67,8 @@ def generalise(values: pd.Series, step) -> pd.Series:
     """Values at one step of a ladder, as categories of strings (compact however many records);
     missing values become "unknown". The step is computed once per distinct value, not per record:
     millions of records hold a few thousand dates or codes."""
+    if step in ("month", "quarter", "year") and pd.api.types.is_datetime64_any_dtype(values):
+        values = values.dt.normalize()  # timestamps are nearly all distinct; their days are not
     codes, uniques = pd.factorize(values)
     labels = _step(pd.Series(uniques), step).astype(object).to_numpy()
     missing = "*" if step == "*" else UNKNOWN
@@ -180,9 +182,9 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
         profile[f"{name}_distinct"] = grouped[name].nunique()
     profile = profile.reset_index(drop=True)
 
-    raw_differs = pd.Series(False, index=frame.index)
+    raw_differs = np.zeros(len(frame), dtype=bool)
     for name in qis:
-        raw_differs |= generalise(frame[name], "value").astype(object) != coarse[name].astype(object)
+        raw_differs |= _generalised(frame[name], ladders[name][levels[name]], coarse[name])
     evidence = {
         "dataset": spec.dataset, "label": spec.label, "release": spec.release, "k": spec.k, "l": spec.l,
         "quasi_identifiers": {name: _step_label(ladders[name][levels[name]]) for name in qis},
@@ -202,6 +204,17 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
     return Release(data, profile, ~passing, evidence)
 
 
+def _generalised(values: pd.Series, step, stepped: pd.Series) -> np.ndarray:
+    """Per record: whether its released label differs from its own value's text."""
+    if step in ("month", "quarter", "year", "*") and pd.api.types.is_datetime64_any_dtype(values):
+        # A date's text is never its month, quarter or year: no need to write out every timestamp.
+        return values.notna().to_numpy() | (step == "*")
+    raw = generalise(values, "value")
+    # Compared as category codes: labels as strings per record would cost more than the frame.
+    raw_in_stepped = pd.Index(stepped.cat.categories).get_indexer(raw.cat.categories)
+    return raw_in_stepped[raw.cat.codes.to_numpy()] != stepped.cat.codes.to_numpy()
+
+
 def _passing(coarse: pd.DataFrame, frame: pd.DataFrame, spec: Anonymisation, sensitive: list[str]) -> pd.Series:
     """Per record: whether its group holds k people and l distinct values of each sensitive attribute."""
     keys = [coarse[c] for c in coarse.columns]
@@ -212,19 +225,18 @@ def _passing(coarse: pd.DataFrame, frame: pd.DataFrame, spec: Anonymisation, sen
 
 
 def _aggregate(released: pd.DataFrame, qis: list[str], spec: Anonymisation) -> pd.DataFrame:
-    counts = {}
-    for s in spec.sensitive:
-        name = s.attribute.name
-        for value in (*s.values, OTHER):
-            counts[f"{name}__{value}"] = (released[name] == value).astype("int64")
-    frame = pd.concat([released, pd.DataFrame(counts, index=released.index)], axis=1)
-    grouped = frame.groupby(qis, sort=True, dropna=False, observed=True)
+    grouped = released.groupby(qis, sort=True, dropna=False, observed=True)
     out = grouped[PERSON].nunique().rename("persons").to_frame()
     out["records"] = grouped.size()
     for m in spec.measures:
         out[m.name] = grouped[m.name].sum().round(2)
-    for column in counts:
-        out[column] = grouped[column].sum()
+    for s in spec.sensitive:
+        name = s.attribute.name
+        # Records per group and value, counted per group (not as a 0/1 column per value and record).
+        counts = (released.groupby([*qis, name], sort=True, dropna=False, observed=True).size()
+                  .unstack(name, fill_value=0).reindex(index=out.index, fill_value=0))
+        for value in (*s.values, OTHER):
+            out[f"{name}__{value}"] = counts[value].astype("int64") if value in counts.columns else 0
     return out.reset_index()
 
 

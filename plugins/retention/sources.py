@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import (Column, Date, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, any_, bindparam,
                         inspect, text)
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, SQLAlchemyError
 
 from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
 from .rules import Rules
@@ -60,9 +60,14 @@ def bulk_insert(conn, table: Table, rows: list[dict]) -> None:
     names = [c.name for c in table.columns if c.name in rows[0]]
     quote = conn.dialect.identifier_preparer.quote
     statement = f"COPY {quote(table.name)} ({', '.join(quote(n) for n in names)}) FROM STDIN"
-    with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
-        for row in rows:
-            copy.write_row([row[n] for n in names])
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([row[n] for n in names])
+    except dbapi.Error as exc:
+        # As SQLAlchemy would raise it for an INSERT: callers catch IntegrityError whatever the path.
+        raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from None
 
 
 class SourceUnavailable(ConnectionProblem):
