@@ -52,6 +52,16 @@ class _Counter:
             self.run(f"DELETE FROM {table} t WHERE {expired}")
 
 
+def _with_archive(conn: psycopg.Connection, table: str, columns: str) -> str:
+    """The table's rows, live and archived, as a subquery: a run moves rows under a legal hold to the
+    archive, and they still link their records to a customer and still hold it (a claim in
+    litigation), as the engine reads them."""
+    parts = [f"SELECT {columns} FROM {table}"]
+    if conn.execute("SELECT to_regclass(%s)", [f"retention_archive__{table}"]).fetchone()[0]:
+        parts.append(f"SELECT {columns} FROM retention_archive__{table}")
+    return "(" + " UNION ALL ".join(parts) + ")"
+
+
 def _years(column: str, n: int, as_of: str) -> str:
     """Kept through column + n years, acted on from the next day."""
     return f"({column} + interval '{n} years')::date < {as_of}"
@@ -66,7 +76,7 @@ def crm(conn: psycopg.Connection, as_of: str) -> int:
                      greatest(co.created_on, k.last_day, i.last_day) AS relationship_end,
                      greatest(co.created_on, k.contract_end) AS contract_end,
                      h.customer_number IS NOT NULL AS held
-              FROM companies co
+              FROM {_with_archive(conn, 'companies', 'customer_number, created_on')} co
               LEFT JOIN crm_clock k USING (customer_number)
               LEFT JOIN invoiced i USING (customer_number)
               LEFT JOIN held h USING (customer_number)""", counted=False)
@@ -118,13 +128,16 @@ def marketing(conn: psycopg.Connection, as_of: str, key: bytes) -> int:
                        OR (NOT coalesce(k.ongoing, false)
                            AND (greatest(s.subscribed_on, k.contract_end) + interval '3 years')::date < {as_of})
                        AS personalisation_over
-              FROM subscribers s
-              LEFT JOIN (SELECT subscriber_id, max(occurred_at)::date AS last_contact FROM email_events
+              FROM {_with_archive(conn, 'subscribers', 'subscriber_id, customer_number, subscribed_on')} s
+              LEFT JOIN (SELECT subscriber_id, max(occurred_at)::date AS last_contact
+                         FROM {_with_archive(conn, 'email_events', 'subscriber_id, occurred_at, event_type')} x
                          WHERE event_type IN ('click', 'reply', 'form') GROUP BY 1) e USING (subscriber_id)
-              LEFT JOIN (SELECT subscriber_id, max(received_on) AS last_objection FROM objections GROUP BY 1) o
+              LEFT JOIN (SELECT subscriber_id, max(received_on) AS last_objection
+                         FROM {_with_archive(conn, 'objections', 'subscriber_id, received_on')} x GROUP BY 1) o
                 USING (subscriber_id)
               LEFT JOIN (SELECT subscriber_id, max(given_at) AS given, max(withdrawn_at)::date AS withdrawn
-                         FROM consents WHERE purpose = 'statistics' GROUP BY 1) cs USING (subscriber_id)
+                         FROM {_with_archive(conn, 'consents', 'subscriber_id, purpose, given_at, withdrawn_at')} x
+                         WHERE purpose = 'statistics' GROUP BY 1) cs USING (subscriber_id)
               LEFT JOIN crm_clock k ON k.customer_number = s.customer_number
               LEFT JOIN invoiced i ON i.customer_number = s.customer_number
               LEFT JOIN held h ON h.customer_number = s.customer_number""", counted=False)
@@ -173,25 +186,23 @@ def run(conninfo: dict[str, str], as_of: date, key: bytes) -> int:
     conns = {name: psycopg.connect(conninfo[name]) for name in ("crm", "accounting", "marketing")}
     try:
         crm_db, acc_db, mkt_db = conns["crm"], conns["accounting"], conns["marketing"]
-        # Every clock is read before anything changes, as the engine does: marketing's prospect clock
+        # Every clock is read before anything changes, from live and archived rows, as the engine does: marketing's prospect clock
         # reads the CRM and accounting, the legal holds (claims in litigation) apply in every system.
-        crm_db.execute("""CREATE TEMP TABLE crm_clock AS
-                          SELECT customer_number, bool_or(ongoing) AS ongoing, max(contract_end) AS contract_end,
-                                 max(last_day) AS last_day
-                          FROM (SELECT customer_number, ended_on IS NULL AS ongoing, ended_on AS contract_end,
-                                       ended_on AS last_day FROM contracts
-                                UNION ALL SELECT customer_number, false, NULL, issued_on FROM quotes
-                                          WHERE status = 'accepted'
-                                UNION ALL SELECT customer_number, false, NULL, occurred_at::date FROM interactions
-                                          WHERE initiated_by = 'customer') facts
-                          GROUP BY customer_number""")
-        # A claim in litigation holds its customer from wherever it is: a run archives it under the
-        # hold it causes, and the hold lasts as long as the litigation.
-        claims = ["claims"]
-        if crm_db.execute("SELECT to_regclass('retention_archive__claims')").fetchone()[0]:
-            claims.append("retention_archive__claims")
-        held = " UNION ".join(f"SELECT DISTINCT customer_number FROM {t} WHERE status = 'litigation'" for t in claims)
-        invoiced = "SELECT customer_number, max(issued_on) FROM invoices GROUP BY customer_number"
+        crm_db.execute(f"""CREATE TEMP TABLE crm_clock AS
+            SELECT customer_number, bool_or(ongoing) AS ongoing, max(contract_end) AS contract_end,
+                   max(last_day) AS last_day
+            FROM (SELECT customer_number, ended_on IS NULL AS ongoing, ended_on AS contract_end, ended_on AS last_day
+                  FROM {_with_archive(crm_db, 'contracts', 'customer_number, ended_on')} x
+                  UNION ALL SELECT customer_number, false, NULL, issued_on
+                  FROM {_with_archive(crm_db, 'quotes', 'customer_number, issued_on, status')} x WHERE status = 'accepted'
+                  UNION ALL SELECT customer_number, false, NULL, occurred_at::date
+                  FROM {_with_archive(crm_db, 'interactions', 'customer_number, occurred_at, initiated_by')} x
+                  WHERE initiated_by = 'customer') facts
+            GROUP BY customer_number""")
+        held = (f"SELECT DISTINCT customer_number FROM {_with_archive(crm_db, 'claims', 'customer_number, status')} c "
+                "WHERE status = 'litigation'")
+        invoiced = (f"SELECT customer_number, max(issued_on) FROM "
+                    f"{_with_archive(acc_db, 'invoices', 'customer_number, issued_on')} x GROUP BY customer_number")
         _copy(crm_db, held, acc_db, "held", "customer_number varchar(12)")
         _copy(crm_db, held, mkt_db, "held", "customer_number varchar(12)")
         crm_db.execute(f"CREATE TEMP TABLE held AS {held}")

@@ -61,6 +61,29 @@ def test_holds_are_read_from_the_archive_too(backend):
     assert summary["held_subjects"] == 1
 
 
+def test_a_subject_found_through_an_archived_row_stays_held(backend):
+    """A web session names its customer through its subscriber. Once a hold has archived the
+    subscriber, the session must still be held: lookups read live and archived rows. A prospect's
+    session with the same dates, held by nothing, shows what the hold prevents."""
+    company(backend, "H3", "2010-01-01")
+    backend.insert("crm", "claims", dict(claim_id=3, customer_number="H3", opened_on=D("2011-01-01"),
+                                         status="litigation", description="dispute"))
+    backend.insert("marketing", "subscribers",
+                   dict(subscriber_id=1, customer_number="H3", email="h3@example.test", subscribed_on=D("2010-01-01")),
+                   dict(subscriber_id=2, customer_number=None, email="p@example.test", subscribed_on=D("2010-01-01")))
+    backend.insert("marketing", "web_sessions", *[
+        dict(session_id=n, subscriber_id=n, cookie_id=f"GA{n}", ip_address=f"10.0.0.{n}",
+             started_at=datetime(2023, 6, 1, 10)) for n in (1, 2)])
+    run_retention("2024-01-10")  # the cookie (13 months) and the IP (12 months) are still kept
+    assert backend.rows("marketing", "subscribers") == []
+    assert [r["subscriber_id"] for r in backend.rows("marketing", "retention_archive__subscribers")] == [1]
+
+    run_retention("2024-08-01")  # both past their period
+    sessions = {r["session_id"]: r for r in backend.rows("marketing", "web_sessions")}
+    assert (sessions[1]["cookie_id"], sessions[1]["ip_address"]) == ("GA1", "10.0.0.1")
+    assert (sessions[2]["cookie_id"], sessions[2]["ip_address"]) == (None, None)
+
+
 def test_accounting_untouched_when_crm_contact_goes(backend):
     company(backend, "A1", "2012-01-01")
     contract(backend, 1, "A1", "2012-01-01", "2016-06-30")
