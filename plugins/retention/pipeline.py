@@ -337,9 +337,14 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
              if table.primary_key == (parent,)]
     if not links:
         return {}
-    children = {child for child, _ in links}
+    # Every row the run removes from the referencing tables: a set per table of bare key values
+    # (a one-column key's value, not its tuple: about 60 bytes an entry instead of 160), as it grows
+    # with the data.
+    going: dict = {child: set() for child, _ in links}
     decisions = _staging(run, system, "decisions")
-    going = {(t, p.key) for t, p in staging.read_rows(decisions) if t in children and p.action in REMOVING + (ARCHIVE,)}
+    for t, p in staging.read_rows(decisions):
+        if t in going and p.action in REMOVING + (ARCHIVE,):
+            going[t].add(_bare(p.key))
     due = [p.key[0] for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name]
     found: dict = {}
     for child, column in links:
@@ -349,9 +354,13 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
             chunk = due[start:start + run.batch_size]
             with sources.engine(system).connect() as conn:
                 for row in conn.execute(select(*pk, source.c[column]).where(source.c[column].in_(chunk))):
-                    if (child, tuple(row[:-1])) not in going:
+                    if _bare(tuple(row[:-1])) not in going[child]:
                         found.setdefault((row[-1],), child)
     return found
+
+
+def _bare(key: tuple):
+    return key[0] if len(key) == 1 else key
 
 
 def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, rows: Iterator[Planned]) -> tuple:
