@@ -210,10 +210,19 @@ class AuditStore:
                     one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
                 fresh = [e for e in entries if e["entry_id"] not in known]
                 self._chain_in(conn, fresh)
-        # Only once the store has committed them may the outbox forget them.
+        # Only once the store has committed them may the outbox forget them. By recording time first
+        # (an apply batch's entries share one): that leading column of the outbox's order index finds
+        # them whatever the statistics say, where the key alone sometimes got a plan that reads the
+        # whole outbox, dead rows included, after each autoanalyze (up to 0.4 s a batch; 138 s of a
+        # 486 s run at 6 million rows).
         outbox = sources.outbox(system)
+        by_time: dict = {}
+        for entry in entries:
+            by_time.setdefault(entry["recorded_at"], []).append(entry["entry_id"])
         with sources.engine(system).begin() as conn:
-            conn.execute(delete(outbox).where(one_of(outbox.c.entry_id, ids, conn.dialect.name)))
+            for recorded_at, same in by_time.items():
+                conn.execute(delete(outbox).where(outbox.c.recorded_at == recorded_at,
+                                                  one_of(outbox.c.entry_id, same, conn.dialect.name)))
         return len(fresh)
 
     def _chain_in(self, conn, entries: list[dict]) -> None:
