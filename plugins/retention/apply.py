@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import NamedTuple
 
-from sqlalchemy import delete, insert, literal, or_, select, tuple_, update
+from sqlalchemy import delete, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import audit
 from .decide import ARCHIVE, REMOVING, STRIP
 from .rules import Rules, TableSpec
-from .sources import ARCHIVED_ON, Sources, bulk_insert, one_of
+from .sources import ARCHIVED_ON, Sources, bulk_insert, keys_in
 
 
 class Planned(NamedTuple):
@@ -56,10 +56,7 @@ class RunContext:
 
 
 def _key_in(table, spec: TableSpec, keys: list[tuple], dialect: str):
-    cols = [table.c[name] for name in spec.primary_key]
-    if len(cols) == 1:
-        return one_of(cols[0], [k[0] for k in keys], dialect)
-    return tuple_(*cols).in_(keys)
+    return keys_in([table.c[name] for name in spec.primary_key], keys, dialect)
 
 
 def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: RunContext) -> tuple[Counter, list[dict]]:

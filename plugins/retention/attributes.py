@@ -13,11 +13,11 @@ from itertools import islice
 
 import pandas as pd
 from pandas.api.types import union_categoricals
-from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import and_, func, select
 
 from .generalise import OTHER, PERSON
 from .rules import Attribute, Related, TableSpec
-from .sources import Sources, dict_rows
+from .sources import Sources, dict_rows, keys_in
 
 _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": func.count}
 
@@ -105,9 +105,9 @@ def _own_values(sources: Sources, table: TableSpec, keys: list[tuple], columns: 
     if source is None:
         return {}
     pk = [source.c[name] for name in table.primary_key]
-    condition = pk[0].in_([k[0] for k in keys]) if len(pk) == 1 else tuple_(*pk).in_(keys)
-    query = select(*pk, *[source.c[c] for c in columns if c not in table.primary_key]).where(condition)
     with sources.engine(table.system).connect() as conn:
+        condition = keys_in(pk, keys, conn.dialect.name)
+        query = select(*pk, *[source.c[c] for c in columns if c not in table.primary_key]).where(condition)
         rows = dict_rows(conn.execute(query))
     return {tuple(row[name] for name in table.primary_key): row for row in rows}
 

@@ -4,7 +4,7 @@ and the engine's own side tables there (the audit outbox and the intermediate ar
 from __future__ import annotations
 
 from sqlalchemy import (Column, Date, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, any_, bindparam,
-                        inspect, text)
+                        func, inspect, select, text, tuple_)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, SQLAlchemyError
 
@@ -41,6 +41,19 @@ def one_of(column, values, dialect: str):
     if dialect == "postgresql":
         return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(values)
+
+
+def keys_in(columns: list, keys: list[tuple], dialect: str):
+    """`(columns) IN (keys)`, for a key of one column or more. A multi-column IN list is expanded by
+    PostgreSQL into one OR branch per key (about 100 ms for 2,000 keys of 600,000 rows); an array
+    parameter per column, unnested in step, is a join on the key's index instead (about 20 ms)."""
+    if len(columns) == 1:
+        return one_of(columns[0], [k[0] for k in keys], dialect)
+    if dialect != "postgresql":
+        return tuple_(*columns).in_(keys)
+    arrays = [func.unnest(bindparam(None, [k[i] for k in keys], type_=postgresql.ARRAY(c.type)))
+              for i, c in enumerate(columns)]
+    return tuple_(*columns).in_(select(*arrays))
 
 
 def dict_rows(result) -> list[dict]:
