@@ -55,10 +55,6 @@ class RunContext:
         return self._purposes[rules]
 
 
-def _key_in(table, spec: TableSpec, keys: list[tuple], dialect: str):
-    return keys_in([table.c[name] for name in spec.primary_key], keys, dialect)
-
-
 def apply_batch(sources: Sources, spec: TableSpec, batch: list[Planned], run: RunContext) -> tuple[Counter, list[dict]]:
     """Apply one batch atomically, with its audit entries written to the source's outbox in the same
     transaction; returns the count of rows actually changed per action, and those entries.
@@ -99,8 +95,8 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
         for (action, archived, fields), group in groups.items():
             target = archive if archived else live
             keys = [p.key for p in group]
-            condition = _key_in(target, spec, keys, conn.dialect.name)
             pk = [target.c[name] for name in spec.primary_key]
+            condition = keys_in(pk, keys, conn.dialect.name)
             if action in REMOVING:
                 statement = delete(target).where(condition).returning(*pk)
             elif action == STRIP:
