@@ -100,10 +100,11 @@ def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_servi
             # Airflow's embedded SQLite metadata database is shared with the running scheduler: a
             # create can meet "database is locked". It commits the backfill before its runs, so a
             # lock in between can leave a partial backfill behind (Airflow's cleanup is best-effort);
-            # the scheduler completes it, then trying again is what a user does.
+            # the scheduler completes it, then trying again is what a user does. The scheduler
+            # completes a backfill without runs only once it is 2 minutes old, checking every 30 s.
             if result.returncode == 0 or "database is locked" not in result.stderr:
                 break
-            services.wait(lambda: (b := _backfills(metadata_db))[0] == b[1], 120,
+            services.wait(lambda: (b := _backfills(metadata_db))[0] == b[1], 300,
                           "a partial backfill left by a lock error to be completed")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         services.wait(lambda: (b := _backfills(metadata_db))[0] > created and b[0] == b[1], 600,
