@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.postgres import _free_port
@@ -22,13 +23,18 @@ DATES = ("2025-06-01", "2025-06-02", "2025-06-03")
 
 
 @pytest.fixture
-def airflow_services(tmp_path, retention_home):
-    """Scheduler, DAG processor and API server (the tasks' execution API), as in production, on
-    an embedded SQLite metadata database and the LocalExecutor."""
+def airflow_services(tmp_path, retention_home, postgres):
+    """Scheduler, DAG processor and API server (the tasks' execution API), as in production, with
+    the LocalExecutor. Their metadata database is PostgreSQL, as Airflow requires beyond one
+    process: on its embedded SQLite, a `backfill create` meets the scheduler's writes and fails
+    with "database is locked", and a busy timeout does not help (SQLite refuses a read transaction's
+    upgrade to a write at once). The sources and the audit store stay the embedded SQLite ones."""
     port = _free_port()
+    metadata = postgres.create_database("airflow_backfill")
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata,
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -50,29 +56,29 @@ def airflow_services(tmp_path, retention_home):
         services.wait(lambda: airflow_cli(env, "dags", "list").stdout.count("retention_nightly"), 120,
                       "the DAG processor to register retention_nightly")
         airflow_cli(env, "dags", "unpause", "retention_nightly")
-        yield env, tmp_path / "airflow" / "airflow.db", services
+        yield env, metadata.replace("postgresql+psycopg://", "postgresql://"), services
     finally:
         services.stop()
 
 
-def _runs(metadata_db: Path) -> dict:
-    with sqlite3.connect(metadata_db, timeout=30) as conn:
-        return {run_id: state for run_id, state in conn.execute(
-            "SELECT run_id, state FROM dag_run WHERE dag_id = 'retention_nightly'")}
+def _query(metadata: str, sql: str) -> list[tuple]:
+    with psycopg.connect(metadata) as conn:
+        return conn.execute(sql).fetchall()
 
 
-def _backfills(metadata_db: Path) -> tuple[int, int]:
+def _runs(metadata: str) -> dict:
+    return dict(_query(metadata, "SELECT run_id, state FROM dag_run WHERE dag_id = 'retention_nightly'"))
+
+
+def _backfills(metadata: str) -> tuple[int, int]:
     """(backfills created, of which completed) for the DAG."""
-    with sqlite3.connect(metadata_db, timeout=30) as conn:
-        total, done = conn.execute("SELECT count(*), count(completed_at) FROM backfill").fetchone()
-    return total, done
+    return _query(metadata, "SELECT count(*), count(completed_at) FROM backfill")[0]
 
 
-def _enforcing_windows(metadata_db: Path) -> list[tuple]:
+def _enforcing_windows(metadata: str) -> list[tuple]:
     """Per run: from the lock's acquisition to its release, as Airflow recorded the two tasks."""
-    with sqlite3.connect(metadata_db, timeout=30) as conn:
-        rows = conn.execute("SELECT run_id, task_id, end_date FROM task_instance "
-                            "WHERE dag_id = 'retention_nightly' AND task_id IN ('acquire_run_lock', 'release_run_lock')").fetchall()
+    rows = _query(metadata, "SELECT run_id, task_id, end_date FROM task_instance WHERE dag_id = 'retention_nightly' "
+                            "AND task_id IN ('acquire_run_lock', 'release_run_lock')")
     windows: dict = {}
     for run_id, task_id, end in rows:
         windows.setdefault(run_id, {})[task_id] = end
@@ -85,36 +91,26 @@ def _audit_entries(home: Path) -> list:
 
 
 def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_services, retention_home):
-    env, metadata_db, services = airflow_services
+    env, metadata, services = airflow_services
     seeded = subprocess.run([sys.executable, "-m", "retention.cli", "demo", "seed", "--size", "60", "--seed", "2"],
                             env=env, capture_output=True, text=True)
     assert seeded.returncode == 0, seeded.stderr
 
     def backfill(*extra):
         """Creates a backfill of DATES and waits until Airflow marks it completed."""
-        created = _backfills(metadata_db)[0]
-        for _ in range(3):
-            result = airflow_cli(env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date",
-                                 DATES[0], "--to-date", DATES[-1], "--max-active-runs", "1",
-                                 "--dag-run-conf", json.dumps({"force": True}), *extra)
-            # Airflow's embedded SQLite metadata database is shared with the running scheduler: a
-            # create can meet "database is locked". It commits the backfill before its runs, so a
-            # lock in between can leave a partial backfill behind (Airflow's cleanup is best-effort);
-            # the scheduler completes it, then trying again is what a user does. The scheduler
-            # completes a backfill without runs only once it is 2 minutes old, checking every 30 s.
-            if result.returncode == 0 or "database is locked" not in result.stderr:
-                break
-            services.wait(lambda: (b := _backfills(metadata_db))[0] == b[1], 300,
-                          "a partial backfill left by a lock error to be completed")
+        created = _backfills(metadata)[0]
+        result = airflow_cli(env, "backfill", "create", "--dag-id", "retention_nightly", "--from-date",
+                             DATES[0], "--to-date", DATES[-1], "--max-active-runs", "1",
+                             "--dag-run-conf", json.dumps({"force": True}), *extra)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        services.wait(lambda: (b := _backfills(metadata_db))[0] > created and b[0] == b[1], 600,
+        services.wait(lambda: (b := _backfills(metadata))[0] > created and b[0] == b[1], 600,
                       "the backfill to be marked completed")
 
     backfill()
-    runs = services.wait(lambda: (r := _runs(metadata_db)) and len(r) == 3
+    runs = services.wait(lambda: (r := _runs(metadata)) and len(r) == 3
                          and all(s in ("success", "failed") for s in r.values()) and r, 600, "three finished runs")
     assert set(runs.values()) == {"success"}, runs
-    windows = _enforcing_windows(metadata_db)
+    windows = _enforcing_windows(metadata)
     assert all(later[0] >= earlier[1] for earlier, later in zip(windows, windows[1:])), f"runs overlapped: {windows}"
 
     summaries = {json.loads(p.read_text())["run_id"]: json.loads(p.read_text())
@@ -130,7 +126,7 @@ def test_backfill_acts_as_of_each_date_and_a_rerun_changes_nothing(airflow_servi
     # Airflow allows one backfill per DAG at a time: the first is completed by now. Once the
     # second is completed, all three runs ran again.
     backfill("--reprocess-behavior", "completed")
-    assert set(_runs(metadata_db).values()) == {"success"}
+    assert set(_runs(metadata).values()) == {"success"}
     assert _audit_entries(retention_home) == entries  # no new audit entry
     assert _sources(retention_home) == state  # no source changed
 
