@@ -43,6 +43,8 @@ def main(argv=None) -> int:
                   f"  peak RSS {result.engine_rss_mb:,.0f} MB\n"
                   f"  baseline    {result.baseline_seconds:8.1f} s  "
                   f"{result.examined / result.baseline_seconds:10,.0f} rows/s", flush=True)
+            print("  enforcement steps (seconds, peak RSS so far): " + ", ".join(
+                f"{s['task_id']} {s['duration']:.1f} s {s['peak_rss_mb']:,.0f} MB" for s in result.engine_steps), flush=True)
             _verdict("  ", result.ratio, result.mismatches)
             print(f"  next night (as of the day after): {result.night_actions:,} actions "
                   f"({result.night_baseline_actions:,} by the baseline)\n"

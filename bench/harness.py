@@ -35,6 +35,7 @@ class Result:
     engine_seconds: float = 0.0
     baseline_seconds: float = 0.0
     engine_rss_mb: float = 0.0
+    engine_steps: list = field(default_factory=list)  # the run's steps: time and peak memory so far
     audit_entries: int = 0
     mismatches: list = field(default_factory=list)
     # The next night (as of the day after), on the end state of the first run: the nightly cost.
@@ -158,6 +159,7 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
         result.examined = sum(summary["actions"].values())
         result.engine_actions = _applied(summary)
         result.audit_entries = summary["audit_entries_total"]
+        result.engine_steps = summary["steps"]
         started = time.perf_counter()
         result.baseline_actions = baseline.run(conninfo, as_of, AUDIT_KEY.encode())
         result.baseline_seconds = time.perf_counter() - started

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import resource
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -616,20 +618,32 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
     lock = None if run.dry_run else RunLock(audit_mod.AuditStore.open(use_airflow))
     if lock is not None:
         lock.acquire_or_fail(run.run_id)
+    steps: list = []
+
+    def step(task_id: str, function: Callable, *args):
+        """Runs one step and records, under the Airflow task's name, its time and the process's
+        peak memory so far: which step raised the peak is where memory went."""
+        started = time.monotonic()
+        result = function(*args)
+        steps.append({"task_id": task_id, "state": "success", "duration": round(time.monotonic() - started, 3),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+        log.info("step %s: %.1f s, peak memory so far %.0f MB", task_id, steps[-1]["duration"], steps[-1]["peak_rss_mb"])
+        return result
+
     try:
-        write_holds(run, holds_mod.all_holds(rules, sources, key, use_airflow))
+        step("legal_holds", lambda: write_holds(run, holds_mod.all_holds(rules, sources, key, use_airflow)))
         held = read_holds(run)
         known = audit_mod.AuditStore.open(use_airflow, create=False)
         for system in run.systems:
-            extract_system(rules, sources, run, system, key, progress)
-            decide_system(rules, run, system, held, key, known)
-            anonymise_system(rules, sources, run, system)
-        guard_run(rules, run, key, use_airflow)
+            step(f"{system}.extract", extract_system, rules, sources, run, system, key, progress)
+            step(f"{system}.decide", decide_system, rules, run, system, held, key, known)
+            step(f"{system}.anonymise", anonymise_system, rules, sources, run, system)
+        step("blast_radius_guard", guard_run, rules, run, key, use_airflow)
         if not run.dry_run:
             store = audit_mod.AuditStore.open(use_airflow)
             for system in run.systems:
-                apply_system(rules, sources, store, run, system, key, progress)
-        return finish(rules, run, use_airflow)
+                step(f"{system}.apply", apply_system, rules, sources, store, run, system, key, progress)
+        return finish(rules, run, use_airflow, steps)
     finally:
         sources.dispose()
         if lock is not None:

@@ -282,15 +282,19 @@ def _errors(report: dict) -> str:
                      "transaction with its audit entries, and the next run finishes the work.</p>")
     if report["incomplete"]:
         lines.append("<ul>" + "".join(f"<li>{_e(m)}</li>" for m in report["incomplete"]) + "</ul>")
+    # A run from the command line records its steps itself, with the process's peak memory.
+    in_process = any("peak_rss_mb" in s for s in report["steps"])
     if report["steps"]:
-        lines.append(_table(["step", "outcome", "seconds"],
+        lines.append(_table(["step", "outcome", "seconds"] + (["peak memory so far (MB)"] if in_process else []),
                             [[s["task_id"], plain.get(s["state"], s["state"]),
-                              "" if s["duration"] is None else f"{s['duration']:.1f}"] for s in report["steps"]]))
-        lines.append("<p>Steps that reach a database retry twice before failing; each try has its own log in "
-                     "Airflow.</p>")
-    else:
+                              "" if s["duration"] is None else f"{s['duration']:.1f}"]
+                             + ([f"{s['peak_rss_mb']:,.0f}"] if in_process else []) for s in report["steps"]]))
+    if in_process or not report["steps"]:
         lines.append("<p>Run from the command line, in one process: any error stops it with a message and an "
                      "exit code, before or between transactions.</p>")
+    else:
+        lines.append("<p>Steps that reach a database retry twice before failing; each try has its own log in "
+                     "Airflow.</p>")
     return "".join(lines)
 
 
