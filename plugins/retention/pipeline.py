@@ -214,11 +214,13 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     tally = Tally()
     # Only records of a table with a removal in the trail can have been brought back by a restore.
     removed = store.removed_tables(system) if store is not None else set()
-    deciders: dict[str, _Decider] = {}
+    decider = None
     with staging.BatchWriter(_staging(run, system, "decisions")) as out:
         for table_name, rows in staging.read_batches(_staging(run, system, "facts")):
             table = spec.tables[table_name]
-            decider = deciders.setdefault(table_name, _Decider(table, run.as_of, rules.settings))
+            # A table's batches come one after the other: only its memo is kept, not every table's.
+            if decider is None or decider.table is not table:
+                decider = _Decider(table, run.as_of, rules.settings)
             prior = {}
             if table_name in removed:
                 hashes = {row[0]: audit_mod.record_hash(key, system, table_name, row[0]) for row in rows}
