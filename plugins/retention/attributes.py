@@ -11,8 +11,8 @@ from collections.abc import Iterable, Iterator
 from datetime import date, datetime
 from itertools import islice
 
+import numpy as np
 import pandas as pd
-from pandas.api.types import union_categoricals
 from sqlalchemy import and_, func, select
 
 from .generalise import OTHER, PERSON
@@ -25,17 +25,50 @@ _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": fun
 def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: int) -> pd.DataFrame:
     """One row per record due for anonymisation (`rows`: the decide step's Planned records, with key,
     archived flag and event dates), in the order given, with the person column and every declared attribute.
-    Rows are read chunk by chunk; text columns are held as categories, so the frame stays compact
-    whatever the number of records."""
-    parts = [_part(sources, table, part) for part in _chunks(rows, chunk)]
-    if not parts:
+    Rows are read chunk by chunk and each chunk folded into its columns at once: text is held as
+    codes into one set of distinct values, so the frame stays compact whatever the number of records."""
+    columns: dict[str, _Column] = {}
+    for part in _chunks(rows, chunk):
+        for name, values in _part(sources, table, part).items():
+            columns.setdefault(name, _Column()).add(values)
+    if not columns:
         return _typed(pd.DataFrame(columns=[PERSON] + [a.name for a in table.anonymise.attributes()]), table)
-    columns = {}
-    for name in parts[0].columns:
-        pieces = [p[name] for p in parts]
-        columns[name] = (pd.Series(union_categoricals(pieces)) if isinstance(pieces[0].dtype, pd.CategoricalDtype)
-                         else pd.concat(pieces, ignore_index=True))
-    return pd.DataFrame(columns)
+    return pd.DataFrame({name: column.series() for name, column in columns.items()})
+
+
+class _Column:
+    """One column of the frame, built chunk by chunk. Text comes as categories per chunk: only the
+    codes are kept, into one index of the distinct values (holding every chunk's frame until the end
+    held each chunk's distinct strings and then the whole frame again)."""
+
+    def __init__(self):
+        self.index: dict = {}  # distinct text value -> code, in order of appearance
+        self.pieces: list = []  # per chunk: int32 codes (text; -1 missing) or the values as they are
+
+    def add(self, values: pd.Series) -> None:
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            codes = [self.index.setdefault(v, len(self.index)) for v in values.cat.categories]
+            self.pieces.append(np.array(codes + [-1], dtype=np.int32)[values.cat.codes.to_numpy()])
+        else:
+            self.pieces.append(values.reset_index(drop=True))
+
+    def series(self) -> pd.Series:
+        plain = [p for p in self.pieces if isinstance(p, pd.Series)]
+        if not plain:
+            # Sorted, as one frame's astype("category") would: the frame is the same however chunked.
+            categories = pd.Index(list(self.index), dtype=object)
+            order = categories.argsort()
+            recode = np.empty(len(order) + 1, dtype=np.int32)
+            recode[order], recode[-1] = np.arange(len(order)), -1
+            return pd.Series(pd.Categorical.from_codes(recode[np.concatenate(self.pieces)], categories=categories[order]))
+        if not self.index:  # chunks where every value was missing, as an empty category: missing values
+            dtype = plain[0].dtype if plain[0].dtype.kind in "Mmf" else "float64"
+            pieces = [p if isinstance(p, pd.Series) else pd.Series(index=range(len(p)), dtype=dtype) for p in self.pieces]
+            return pd.concat(pieces, ignore_index=True)
+        # Text in some chunks, numbers or dates in others (a loosely typed column): all held as text.
+        text = np.array(list(self.index) + [None], dtype=object)
+        pieces = [p.astype(object) if isinstance(p, pd.Series) else pd.Series(text[p]) for p in self.pieces]
+        return pd.concat(pieces, ignore_index=True).astype("category")
 
 
 def _part(sources: Sources, table: TableSpec, part: list) -> pd.DataFrame:
