@@ -7,9 +7,8 @@ release built from it (checked) leaves the process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import date, datetime
-from itertools import islice
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from sqlalchemy import and_, func, select
 from .generalise import OTHER, PERSON
 from .rules import Attribute, Related, TableSpec
 from .sources import Sources, dict_rows, keys_in
+from .staging import chunks
 
 _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": func.count}
 
@@ -28,7 +28,7 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: i
     Rows are read chunk by chunk and each chunk folded into its columns at once: text is held as
     codes into one set of distinct values, so the frame stays compact whatever the number of records."""
     columns: dict[str, _Column] = {}
-    for part in _chunks(rows, chunk):
+    for part in chunks(rows, chunk):
         for name, values in _part(sources, table, part).items():
             columns.setdefault(name, _Column()).add(values)
     if not columns:
@@ -125,12 +125,6 @@ def _categories(values: pd.Series, attr: Attribute, declared: tuple) -> pd.Serie
         values = values.map(lambda n: "yes" if n is not None and not pd.isna(n) and n > 0 else "no")
     text = values.map(lambda v: None if v is None else str(v))
     return text.where(text.isin(declared), OTHER).astype(object)
-
-
-def _chunks(rows: Iterable, size: int) -> Iterator[list]:
-    rows = iter(rows)
-    while part := list(islice(rows, size)):
-        yield part
 
 
 def _own_values(sources: Sources, table: TableSpec, keys: list[tuple], columns: list[str], archived: bool) -> dict:

@@ -341,25 +341,26 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
              if table.primary_key == (parent,)]
     if not links:
         return {}
-    # Every row the run removes from the referencing tables: a set per table of bare key values
-    # (a one-column key's value, not its tuple: about 60 bytes an entry instead of 160), as it grows
-    # with the data.
-    going: dict = {child: set() for child, _ in links}
+    from .row_keys import RowKeys  # numpy: loaded only when a run anonymises
+
     decisions = _staging(run, system, "decisions")
+    # Every row the run removes from the referencing tables (millions on a first run), compactly.
+    going = {child: RowKeys() for child, _ in links}
     for t, p in staging.read_rows(decisions):
         if t in going and p.action in REMOVING + (ARCHIVE,):
             going[t].add(_bare(p.key))
-    due = [p.key[0] for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name]
+    # The due records' keys, streamed from the staging file chunk by chunk rather than held.
+    due = (p.key[0] for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name)
     found: dict = {}
-    for child, column in links:
-        source = sources.table(system, child)
-        pk = [source.c[name] for name in sources.rules.system(system).tables[child].primary_key]
-        for start in range(0, len(due), run.batch_size):
-            chunk = due[start:start + run.batch_size]
+    for chunk in staging.chunks(due, run.batch_size):
+        for child, column in links:
+            source = sources.table(system, child)
+            pk = [source.c[name] for name in sources.rules.system(system).tables[child].primary_key]
             with sources.engine(system).connect() as conn:
-                for row in conn.execute(select(*pk, source.c[column]).where(source.c[column].in_(chunk))):
-                    if _bare(tuple(row[:-1])) not in going[child]:
-                        found.setdefault((row[-1],), child)
+                rows = conn.execute(select(*pk, source.c[column]).where(source.c[column].in_(chunk))).all()
+            for row, gone in zip(rows, going[child].contains([_bare(tuple(row[:-1])) for row in rows])):
+                if not gone:
+                    found.setdefault((row[-1],), child)
     return found
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 
@@ -62,6 +63,13 @@ def read_rows(path: Path) -> Iterator[tuple[str, object]]:
     for table, rows in read_batches(path):
         for row in rows:
             yield table, row
+
+
+def chunks(rows: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` rows (the last one shorter) of a stream of rows, read as they are needed."""
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield chunk
 
 
 def write_json(path: Path, data) -> None:
