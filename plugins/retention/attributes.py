@@ -38,8 +38,7 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: i
 
 class _Column:
     """One column of the frame, built chunk by chunk. Text comes as categories per chunk: only the
-    codes are kept, into one index of the distinct values (holding every chunk's frame until the end
-    held each chunk's distinct strings and then the whole frame again)."""
+    codes are kept, into one index of the distinct values, so each distinct string is held once."""
 
     def __init__(self):
         self.index: dict = {}  # distinct text value -> code, in order of appearance
