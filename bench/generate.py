@@ -237,11 +237,14 @@ def marketing(q: _Sql) -> list[str]:
     WHERE {q.r('r.subscriber_id * 4 + k', 53)} < 0.6 AND m <= {months}
       AND (DATE '{START}' + make_interval(months => m - 1))::date + 9 < r.stop
     ON CONFLICT DO NOTHING""", f"""
-    INSERT INTO email_events
-    SELECT (r.subscriber_id - 1) * 6 + k, r.subscriber_id, NULL,
-           {q.at(q.day_in('r.subscribed_on', 'r.stop - 1', 'r.subscriber_id * 6 + k', 54), 'r.subscriber_id * 6 + k', 55)},
+    INSERT INTO email_events  -- each event answers the last campaign sent by its day (none before the first)
+    SELECT (r.subscriber_id - 1) * 6 + k, r.subscriber_id,
+           nullif(greatest((extract(year FROM d.day - 9)::int - {START.year}) * 12
+                           + extract(month FROM d.day - 9)::int - {START.month} + 1, 0), 0),
+           {q.at('d.day', 'r.subscriber_id * 6 + k', 55)},
            CASE WHEN t < 0.6 THEN 'open' WHEN t < 0.85 THEN 'click' WHEN t < 0.9 THEN 'reply' ELSE 'form' END
     FROM reach r, generate_series(1, 6) AS k,
+         LATERAL (SELECT {q.day_in('r.subscribed_on', 'r.stop - 1', 'r.subscriber_id * 6 + k', 54)} AS day) d,
          LATERAL (SELECT {q.r('r.subscriber_id * 6 + k', 56)} AS t) kind
     WHERE {q.r('r.subscriber_id * 6 + k', 57)} < 0.55""", f"""
     INSERT INTO web_sessions
