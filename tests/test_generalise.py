@@ -7,7 +7,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from retention.generalise import PERSON, build_release, departement_of, generalise
+from retention.generalise import PERSON, build_release, departement_of, generalise, person_codes
 from retention.rules import Anonymisation, Attribute, QuasiIdentifier, Sensitive
 
 
@@ -75,6 +75,17 @@ def test_people_not_records_are_counted():
     frame = pd.DataFrame([dict(r, **{PERSON: "C0000001"}) for r in records(10)])
     release = build_release(frame, spec())
     assert release.data.empty and release.evidence["records_suppressed"] == 10
+
+
+def test_people_are_counted_by_the_hash_of_their_key_text():
+    codes = person_codes(pd.Series(["C1", None, "C2", "C1", 1234567.0, "1234567"], dtype=object))
+    assert codes.isna().tolist() == [False, True, False, False, False, False]  # no key: nobody
+    assert codes[0] == codes[3] and codes[0] != codes[2]
+    assert codes[4] == codes[5]  # a whole number read as a float is the key its text shows
+    # The frame as attribute_frame gives it: the same release as from the keys themselves.
+    frame = pd.DataFrame(records(30) + records(10, start=100, sector="Conseil"))
+    hashed = build_release(frame.assign(**{PERSON: person_codes(frame[PERSON])}), spec())
+    assert hashed.data.equals(build_release(frame, spec()).data) and hashed.evidence["persons_in"] == 40
 
 
 def test_evidence_adds_up_and_measures_keep_their_totals():

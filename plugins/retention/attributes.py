@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import and_, func, select
 
-from .generalise import OTHER, PERSON
+from .generalise import OTHER, PERSON, person_codes
 from .rules import Attribute, Related, TableSpec
 from .sources import Sources, dict_rows, keys_in
 from .staging import chunks
@@ -103,6 +103,7 @@ def _part(sources: Sources, table: TableSpec, part: list) -> pd.DataFrame:
 
 def _typed(frame: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
     spec = table.anonymise
+    frame[PERSON] = person_codes(frame[PERSON])
     for s in spec.sensitive:
         frame[s.attribute.name] = _categories(frame[s.attribute.name], s.attribute, s.values)
     for m in spec.measures:

@@ -63,6 +63,16 @@ def departement_of(value) -> str:
     return text[:2]
 
 
+def person_codes(values: pd.Series) -> pd.Series:
+    """The people of records as 64-bit hashes of their keys' text (missing stays missing), in the
+    frame's person column: people are counted without holding each one's key as a string (millions
+    of them in a first run). Two keys that hash alike (odds about n²/2⁶⁵) count as one person: fewer
+    people, so a group is never released below k because of it."""
+    codes, uniques = pd.factorize(values)
+    hashes = pd.util.hash_array(np.array([_as_text(u) for u in uniques] + [""], dtype=object))
+    return pd.Series(pd.arrays.IntegerArray(hashes.view(np.int64)[codes], codes < 0), index=values.index)
+
+
 def generalise(values: pd.Series, step) -> pd.Series:
     """Values at one step of a ladder, as categories of strings (compact however many records);
     missing values become "unknown". The step is computed once per distinct value, not per record:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .generalise import release_columns
+from .generalise import person_codes, release_columns
 from .rules import Anonymisation
 
 PATTERNS = {
@@ -40,7 +40,8 @@ class Validation:
                 for r in self.results if not r["success"]]
 
 
-def validate(data: pd.DataFrame, profile: pd.DataFrame, spec: Anonymisation, person_keys=()) -> Validation:
+def validate(data: pd.DataFrame, profile: pd.DataFrame, spec: Anonymisation, persons: pd.Series | None = None) -> Validation:
+    """`persons`: the people of the records released from, as `person_codes` gives them."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -57,10 +58,12 @@ def validate(data: pd.DataFrame, profile: pd.DataFrame, spec: Anonymisation, per
     text = data.astype(str)
     # Great Expectations copies a value set into every expectation and its result: with every
     # person's key that takes minutes. Only keys that occur among the release's values can match,
-    # so those are the set it checks (empty: nothing to find, and the check passes as it would).
-    released = set(text.to_numpy().ravel())
-    keys = sorted({str(k) for k in pd.unique(pd.Series(person_keys, dtype=object).dropna())
-                   if len(str(k)) >= MIN_KEY_LENGTH and str(k) in released})
+    # so those are the set it checks (empty: nothing to find, and the check passes as it would):
+    # the released values whose hash is a person's.
+    released = pd.Series(sorted({v for v in text.to_numpy().ravel() if len(v) >= MIN_KEY_LENGTH}), dtype=object)
+    hashes = person_codes(released)
+    found = persons[persons.isin(hashes.to_numpy())] if persons is not None and len(released) else []
+    keys = released[hashes.isin(found)].tolist()
     for column in text.columns:
         for label, regex in PATTERNS.items():
             release_suite.add_expectation(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=regex))
