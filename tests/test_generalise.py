@@ -88,6 +88,19 @@ def test_people_are_counted_by_the_hash_of_their_key_text():
     assert hashed.data.equals(build_release(frame, spec()).data) and hashed.evidence["persons_in"] == 40
 
 
+def test_people_are_counted_the_same_a_slice_of_them_at_a_time(monkeypatch):
+    from retention import generalise as module
+
+    # 40 people, 8 of them with a second record: distinct people per group, not records.
+    frame = pd.DataFrame(records(30) + records(10, start=100, sector="Conseil") + records(8))
+    whole = build_release(frame, spec())
+    monkeypatch.setattr(module._Groups, "PEOPLE_PER_PASS", 3)  # 14 slices of people
+    sliced = build_release(frame, spec())
+    assert sliced.data.equals(whole.data) and sliced.evidence == whole.evidence
+    assert whole.evidence["persons_in"] == 40 and whole.data["persons"].sum() == 40
+    assert whole.data["records"].sum() == 48
+
+
 def test_evidence_adds_up_and_measures_keep_their_totals():
     frame = pd.DataFrame(records(30) + records(12, start=200, postcode="69003", day=date(2023, 7, 1))
                          + records(2, start=300, sector="Conseil", postcode="33000"))

@@ -1,8 +1,8 @@
 """Generalise expiring records until every group is k-anonymous and l-diverse, then build the release.
 
-Plain pandas over a frame with one row per record: the hidden `__person` column (to count people,
-never released), one column per quasi-identifier (raw values), per sensitive attribute (declared
-categories) and per measure. Global recoding over the lattice of ladder steps: the ladders climb together
+Plain pandas and numpy over a frame with one row per record: the hidden `__person` column (to count
+people, never released), one column per quasi-identifier (raw values), per sensitive attribute
+(declared categories) and per measure. Global recoding over the lattice of ladder steps: the ladders climb together
 one step at a time (every combination of that many steps is tried) until at most `max_suppressed`
 of the records sit in groups that fail k or l; among the combinations that first get there, the one
 releasing the most groups wins. Groups that still fail are suppressed, never released.
@@ -45,7 +45,7 @@ REGION_OF = {dep: region for region, deps in _REGIONS.items() for dep in deps.sp
 class Release:
     data: pd.DataFrame  # what the statistics store receives
     profile: pd.DataFrame  # per released group: persons and distinct sensitive values (validated)
-    suppressed: pd.Series  # per input record: True when its group failed and it was left out
+    suppressed: np.ndarray  # per input record: True when its group failed and it was left out
     evidence: dict
 
 
@@ -153,65 +153,142 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
     levels = {name: 0 for name in qis}
     ladders = {q.attribute.name: q.ladder for q in spec.quasi_identifiers}
     steps: dict = {}  # (attribute, level) -> generalised values, each computed once
+    people, person_keys = pd.factorize(frame[PERSON])  # missing: -1, nobody
+    people = people.astype(np.int32 if len(person_keys) < 2**31 else np.int64)
+    values = {}  # sensitive attribute -> (codes, values): a few distinct values each
+    for name in sensitive:
+        codes, uniques = pd.factorize(frame[name])
+        values[name] = (codes.astype(np.int32), uniques)
 
     def at(name: str, level: int) -> pd.Series:
         if (name, level) not in steps:
             steps[(name, level)] = generalise(frame[name], ladders[name][level])
         return steps[(name, level)]
 
-    def trial(chosen: dict) -> tuple[pd.DataFrame, pd.Series]:
+    def trial(chosen: dict) -> tuple[pd.DataFrame, _Groups]:
         coarse = pd.DataFrame({name: at(name, chosen[name]) for name in qis}, index=frame.index)
-        return coarse, _passing(coarse, frame, spec, sensitive)
+        return coarse, _Groups(coarse, people, values, spec)
 
     lattice = sorted(product(*(range(len(ladders[name])) for name in qis)), key=sum)
-    coarse, passing = trial(levels)
+    coarse, groups = trial(levels)
     climbed = 0
-    while len(frame) and 1 - passing.mean() > spec.max_suppressed and climbed < sum(lattice[-1]):
+    while len(frame) and 1 - groups.passing.mean() > spec.max_suppressed and climbed < sum(lattice[-1]):
         climbed += 1
-        options = []
+        best = None
         for node in (n for n in lattice if sum(n) == climbed):
-            tried_coarse, tried_passing = trial(dict(zip(qis, node)))
-            groups = tried_coarse[tried_passing].drop_duplicates().shape[0] if tried_passing.any() else 0
-            options.append((1 - tried_passing.mean() <= spec.max_suppressed, tried_passing.sum(), groups,
-                            node, tried_coarse, tried_passing))
-        # Within the budget first; then the most records let through, then the most groups kept.
-        *_, node, coarse, passing = max(options, key=lambda o: o[:3])
+            tried_coarse, tried = trial(dict(zip(qis, node)))
+            # Within the budget first; then the most records let through, then the most groups kept
+            # (the first such node: one trial's groups kept at a time, not every node's).
+            score = (1 - tried.passing.mean() <= spec.max_suppressed, tried.passing.sum(), tried.ok.sum())
+            if best is None or score > best[0]:
+                best = (score, node, tried_coarse, tried)
+        _, node, coarse, groups = best
         levels = dict(zip(qis, node))
 
-    released = pd.concat([coarse[passing], frame.loc[passing, [PERSON, *sensitive, *measures]]], axis=1)
+    passing = groups.passing
+    labels, released = groups.labelled(coarse)
     if spec.release == "microdata":
         # Random order: a row's position never links it to a record or to another release.
-        data = released[qis + sensitive].sample(frac=1).reset_index(drop=True)
+        rows = pd.concat([coarse[passing], frame.loc[passing, sensitive]], axis=1)
+        data = rows[qis + sensitive].sample(frac=1).reset_index(drop=True)
     else:
-        data = _aggregate(released, qis, spec)
+        data = _aggregate(groups, labels, released, frame, spec)
     data = data.reindex(columns=release_columns(spec))
     data = data.astype({c: object for c in data.columns if isinstance(data[c].dtype, pd.CategoricalDtype)})
-    grouped = released.groupby(qis, sort=True, dropna=False, observed=True)
-    profile = grouped[PERSON].nunique().rename("persons").to_frame()
+    profile = pd.DataFrame({"persons": groups.persons[released]})
     for name in sensitive:
-        profile[f"{name}_distinct"] = grouped[name].nunique()
-    profile = profile.reset_index(drop=True)
+        profile[f"{name}_distinct"] = groups.distinct[name][released]
 
     raw_differs = np.zeros(len(frame), dtype=bool)
     for name in qis:
         raw_differs |= _generalised(frame[name], ladders[name][levels[name]], coarse[name])
+    suppressed_people = people[~passing]
     evidence = {
         "dataset": spec.dataset, "label": spec.label, "release": spec.release, "k": spec.k, "l": spec.l,
         "quasi_identifiers": {name: _step_label(ladders[name][levels[name]]) for name in qis},
         "ladder_steps_climbed": {name: levels[name] for name in qis},
         "sensitive": sensitive,
-        "records_in": int(len(frame)), "persons_in": int(frame[PERSON].nunique()),
+        "records_in": int(len(frame)), "persons_in": int(len(person_keys)),
         "records_released": int(passing.sum()), "records_suppressed": int((~passing).sum()),
-        "persons_suppressed": int(frame.loc[~passing, PERSON].nunique()),
+        "persons_suppressed": int(len(pd.unique(suppressed_people[suppressed_people >= 0]))),
         "rows_generalised": int((raw_differs & passing).sum()),
         "groups_released": int(len(profile)),
         "k_achieved": int(profile["persons"].min()) if len(profile) else None,
         "l_achieved": (int(min(profile[f"{s}_distinct"].min() for s in sensitive))
                        if len(profile) and sensitive else None),
-        "measures": {m: {"in": round(float(frame[m].sum()), 2), "released": round(float(released[m].sum()), 2),
+        "measures": {m: {"in": round(float(frame[m].sum()), 2),
+                         "released": round(float(frame.loc[passing, m].sum()), 2),
                          "suppressed": round(float(frame.loc[~passing, m].sum()), 2)} for m in measures},
     }
     return Release(data, profile, ~passing, evidence)
+
+
+class _Groups:
+    """The groups of one combination of ladder steps: per record its group, per group its people,
+    distinct sensitive values and whether it passes k and l. Counted with numpy over group numbers,
+    not pandas group-bys over the records: those hold several 8-byte arrays per record at once,
+    which for millions of records due set the run's peak memory."""
+
+    PEOPLE_PER_PASS = 1_000_000  # distinct (group, person) pairs are found a slice of people at a time
+
+    def __init__(self, coarse: pd.DataFrame, people: np.ndarray, values: dict, spec: Anonymisation):
+        combined = np.zeros(len(coarse), dtype=np.int64)
+        for name in coarse.columns:
+            codes = coarse[name].cat.codes.to_numpy()
+            width = len(coarse[name].cat.categories) + 1
+            if len(combined) and int(combined.max()) >= 2**62 // width:
+                combined = pd.factorize(combined)[0]  # renumber before the mixed radix overflows
+            combined = combined * width + codes + 1
+        ids, _ = pd.factorize(combined)
+        del combined
+        count = int(ids.max()) + 1 if len(ids) else 0
+        self.ids = ids.astype(np.int32 if count < 2**31 else np.int64)  # every trial's kept: half the bytes
+        del ids
+        self.records = np.bincount(self.ids, minlength=count)
+        self.persons = np.zeros(count, dtype=np.int64)
+        known = people >= 0
+        span = int(people.max()) + 1 if known.any() else 1
+        slices = max(1, int(known.sum()) // self.PEOPLE_PER_PASS + 1)
+        for part in range(slices):
+            # A person falls in one slice only, so the slices' distinct counts add up.
+            chosen = known & (people % slices == part) if slices > 1 else known
+            pairs = pd.unique(self.ids[chosen].astype(np.int64) * span + people[chosen])
+            self.persons += np.bincount(pairs // span, minlength=count)
+        self.ok = self.persons >= spec.k
+        self.per_value: dict = {}  # sensitive attribute -> records per group and value
+        self.distinct: dict = {}
+        for name, (codes, uniques) in values.items():
+            valid = codes >= 0
+            flat = np.bincount(self.ids[valid].astype(np.int64) * len(uniques) + codes[valid],
+                               minlength=count * len(uniques))
+            self.per_value[name] = (flat.reshape(count, len(uniques)), uniques)
+            self.distinct[name] = (self.per_value[name][0] > 0).sum(axis=1)
+            self.ok &= self.distinct[name] >= spec.l
+        self.passing = self.ok[self.ids]
+
+    def labelled(self, coarse: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+        """Each group's generalised values (by group number), and the passing groups' numbers
+        sorted by those values, as a sorted group-by lists them."""
+        _, first = np.unique(self.ids, return_index=True)
+        labels = coarse.iloc[first].reset_index(drop=True)
+        order = np.lexsort([labels[name].cat.codes.to_numpy() for name in reversed(coarse.columns)])
+        return labels, order[self.ok[order]]
+
+
+def _aggregate(groups: _Groups, labels: pd.DataFrame, released: np.ndarray, frame: pd.DataFrame,
+               spec: Anonymisation) -> pd.DataFrame:
+    out = labels.iloc[released].reset_index(drop=True)
+    out["persons"] = groups.persons[released]
+    out["records"] = groups.records[released]
+    for m in spec.measures:
+        out[m.name] = frame[m.name].groupby(groups.ids).sum().round(2).to_numpy()[released]
+    for s in spec.sensitive:
+        name = s.attribute.name
+        counts, uniques = groups.per_value[name]
+        for value in (*s.values, OTHER):
+            at = uniques.get_indexer([value])[0]
+            out[f"{name}__{value}"] = counts[released, at].astype("int64") if at >= 0 else 0
+    return out
 
 
 def _generalised(values: pd.Series, step, stepped: pd.Series) -> np.ndarray:
@@ -223,31 +300,6 @@ def _generalised(values: pd.Series, step, stepped: pd.Series) -> np.ndarray:
     # Compared as category codes: labels as strings per record would cost more than the frame.
     raw_in_stepped = pd.Index(stepped.cat.categories).get_indexer(raw.cat.categories)
     return raw_in_stepped[raw.cat.codes.to_numpy()] != stepped.cat.codes.to_numpy()
-
-
-def _passing(coarse: pd.DataFrame, frame: pd.DataFrame, spec: Anonymisation, sensitive: list[str]) -> pd.Series:
-    """Per record: whether its group holds k people and l distinct values of each sensitive attribute."""
-    keys = [coarse[c] for c in coarse.columns]
-    passing = frame[PERSON].groupby(keys, dropna=False, observed=True).transform("nunique") >= spec.k
-    for name in sensitive:
-        passing &= frame[name].groupby(keys, dropna=False, observed=True).transform("nunique") >= spec.l
-    return passing
-
-
-def _aggregate(released: pd.DataFrame, qis: list[str], spec: Anonymisation) -> pd.DataFrame:
-    grouped = released.groupby(qis, sort=True, dropna=False, observed=True)
-    out = grouped[PERSON].nunique().rename("persons").to_frame()
-    out["records"] = grouped.size()
-    for m in spec.measures:
-        out[m.name] = grouped[m.name].sum().round(2)
-    for s in spec.sensitive:
-        name = s.attribute.name
-        # Records per group and value, counted per group (not as a 0/1 column per value and record).
-        counts = (released.groupby([*qis, name], sort=True, dropna=False, observed=True).size()
-                  .unstack(name, fill_value=0).reindex(index=out.index, fill_value=0))
-        for value in (*s.values, OTHER):
-            out[f"{name}__{value}"] = counts[value].astype("int64") if value in counts.columns else 0
-    return out.reset_index()
 
 
 def _step_label(step) -> str:

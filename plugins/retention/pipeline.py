@@ -402,7 +402,7 @@ def _build_release(sources: Sources, run: Run, system: str, table: TableSpec, ro
     released = f"; anonymised into {spec.dataset} (this run's release)"
     suppressed = (f"; deleted without feeding {spec.dataset}: its group stayed below k={spec.k} people or "
                   f"l={spec.l} distinct values (suppressed)")
-    return evidence, (released, release.suppressed.to_numpy(), suppressed)
+    return evidence, (released, release.suppressed, suppressed)
 
 
 def read_tally(run: Run, system: str) -> Tally:

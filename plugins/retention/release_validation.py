@@ -40,7 +40,8 @@ class Validation:
                 for r in self.results if not r["success"]]
 
 
-def validate(data: pd.DataFrame, profile: pd.DataFrame, spec: Anonymisation, persons: pd.Series | None = None) -> Validation:
+def validate(data: pd.DataFrame, profile: pd.DataFrame, spec: Anonymisation,
+             persons: pd.Series | None = None) -> Validation:
     """`persons`: the people of the records released from, as `person_codes` gives them."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
