@@ -110,7 +110,10 @@ def _typed(frame: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
         numbers = pd.to_numeric(frame[m.name].map(lambda x: None if x is None else float(x)), errors="coerce")
         frame[m.name] = numbers.fillna(0.0) if m.aggregate in ("sum", "count") else numbers
     for name in frame.columns:
-        if frame[name].dtype != object:
+        # pandas 3 reads text as its `str` dtype, one Python string per record: folded into categories
+        # like any object column, or a chunk's strings outlive it and the frame grows by ~60 bytes a value.
+        dtype = frame[name].dtype
+        if not (pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)):
             continue
         sample = frame[name].dropna()
         if len(sample) and isinstance(sample.iloc[0], (date, datetime)):
