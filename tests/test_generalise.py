@@ -88,17 +88,23 @@ def test_people_are_counted_by_the_hash_of_their_key_text():
     assert hashed.data.equals(build_release(frame, spec()).data) and hashed.evidence["persons_in"] == 40
 
 
-def test_people_are_counted_the_same_a_slice_of_them_at_a_time(monkeypatch):
+def test_records_and_people_worked_on_a_slice_at_a_time_give_the_same_release(monkeypatch):
     from retention import generalise as module
 
-    # 40 people, 8 of them with a second record: distinct people per group, not records.
-    frame = pd.DataFrame(records(30) + records(10, start=100, sector="Conseil") + records(8))
-    whole = build_release(frame, spec())
-    monkeypatch.setattr(module._Groups, "PEOPLE_PER_PASS", 3)  # 14 slices of people
-    sliced = build_release(frame, spec())
+    # 40 people, 8 of them with a second record: distinct people per group, not records; one with no key.
+    frame = pd.DataFrame(records(30) + records(10, start=100, sector="Conseil", postcode=None)
+                         + records(8) + records(1, start=300, day=None))
+    frame.loc[len(frame) - 1, PERSON] = None
+    frame = frame.assign(**{PERSON: person_codes(frame[PERSON])})
+    for name in ("sector", "place", "had_claim"):
+        frame[name] = frame[name].astype("category")
+    whole = build_release(frame, spec(max_suppressed=0.1))
+    monkeypatch.setattr(module, "SLICE", 3)  # 17 slices of records, 16 of people
+    sliced = build_release(frame, spec(max_suppressed=0.1))
     assert sliced.data.equals(whole.data) and sliced.evidence == whole.evidence
+    assert sliced.profile.equals(whole.profile) and (sliced.suppressed == whole.suppressed).all()
     assert whole.evidence["persons_in"] == 40 and whole.data["persons"].sum() == 40
-    assert whole.data["records"].sum() == 48
+    assert whole.data["records"].sum() == 48 and whole.evidence["records_suppressed"] == 1
 
 
 def test_evidence_adds_up_and_measures_keep_their_totals():

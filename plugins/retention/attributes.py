@@ -33,7 +33,9 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: i
             columns.setdefault(name, _Column()).add(values)
     if not columns:
         return _typed(pd.DataFrame(columns=[PERSON] + [a.name for a in table.anonymise.attributes()]), table)
-    return pd.DataFrame({name: column.series() for name, column in columns.items()})
+    # A column's chunks are let go as soon as it is joined, and the frame takes the columns as they
+    # are: joining them all first, then copying them into the frame, held the records three times.
+    return pd.DataFrame({name: columns.pop(name).series() for name in list(columns)}, copy=False)
 
 
 class _Column:

@@ -19,6 +19,7 @@ import pandas as pd
 from .rules import Anonymisation
 
 PERSON = "__person"
+SLICE = 250_000  # records worked on at a time
 UNKNOWN = "unknown"
 OTHER = "other"
 
@@ -76,16 +77,51 @@ def person_codes(values: pd.Series) -> pd.Series:
 def generalise(values: pd.Series, step) -> pd.Series:
     """Values at one step of a ladder, as categories of strings (compact however many records);
     missing values become "unknown". The step is computed once per distinct value, not per record:
-    millions of records hold a few thousand dates or codes."""
+    millions of records hold a few thousand dates or codes, and are coded a slice at a time."""
     if step in ("month", "quarter", "year") and pd.api.types.is_datetime64_any_dtype(values):
-        values = values.dt.normalize()  # timestamps are nearly all distinct; their days are not
-    codes, uniques = pd.factorize(values)
+        def prepared(part):
+            return part.dt.normalize()  # timestamps are nearly all distinct; their days are not
+    else:
+        def prepared(part):
+            return part
+    text = isinstance(values.dtype, pd.CategoricalDtype)
+    if text:
+        uniques = values.cat.categories
+    else:
+        seen = [pd.unique(prepared(values.iloc[s]).to_numpy()) for s in _slices(len(values))]
+        uniques = pd.Index(np.concatenate(seen) if seen else values.to_numpy()[:0]).unique().dropna()
     labels = _step(pd.Series(uniques), step).astype(object).to_numpy()
     missing = "*" if step == "*" else UNKNOWN
     categories = np.unique(np.append(labels, missing).astype(str))  # sorted, as astype("category") sorts
-    label_codes = pd.Index(categories).get_indexer(labels)
-    stepped = np.where(codes >= 0, label_codes[codes] if len(labels) else 0, categories.searchsorted(missing))
+    # Per distinct value its label's code, and last, for a missing value (position -1), the missing label's.
+    lookup = np.append(pd.Index(categories).get_indexer(labels), categories.searchsorted(missing))
+    lookup = lookup.astype(_smallest(len(categories)))
+    stepped = np.empty(len(values), dtype=lookup.dtype)
+    for s in _slices(len(values)):
+        codes = values.cat.codes.to_numpy()[s] if text else uniques.get_indexer(prepared(values.iloc[s]))
+        stepped[s] = lookup[codes]
     return pd.Series(pd.Categorical.from_codes(stepped, categories=categories), index=values.index)
+
+
+def _slices(n: int):
+    """Records are worked on this many at a time: what a step holds beyond its result per record
+    stays the same however many records are due."""
+    return (slice(start, min(start + SLICE, n)) for start in range(0, n, SLICE))
+
+
+def _smallest(count: int):
+    return np.int8 if count < 2**7 else np.int16 if count < 2**15 else np.int32
+
+
+def _numbered(keys, n: int) -> tuple[np.ndarray, int]:
+    """Number the distinct values of `keys(slice)` over n records in order of first appearance (as
+    pd.factorize would), a slice at a time: one 4-byte number per record, not factorize's 8 and a copy."""
+    seen = [pd.unique(keys(s)) for s in _slices(n)]
+    distinct = pd.Index(pd.unique(np.concatenate(seen)) if seen else np.empty(0, dtype=np.int64))
+    ids = np.empty(n, dtype=np.int32 if len(distinct) < 2**31 else np.int64)
+    for s in _slices(n):
+        ids[s] = distinct.get_indexer(keys(s))
+    return ids, len(distinct)
 
 
 def _step(values: pd.Series, step) -> pd.Series:
@@ -158,7 +194,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
     values = {}  # sensitive attribute -> (codes, values): a few distinct values each
     for name in sensitive:
         codes, uniques = pd.factorize(frame[name])
-        values[name] = (codes.astype(np.int32), uniques)
+        values[name] = (codes.astype(_smallest(len(uniques))), uniques)
 
     def at(name: str, level: int) -> pd.Series:
         if (name, level) not in steps:
@@ -229,28 +265,23 @@ class _Groups:
     not pandas group-bys over the records: those hold several 8-byte arrays per record at once,
     which for millions of records due set the run's peak memory."""
 
-    PEOPLE_PER_PASS = 1_000_000  # distinct (group, person) pairs are found a slice of people at a time
-
     def __init__(self, coarse: pd.DataFrame, people: np.ndarray, values: dict, spec: Anonymisation):
-        combined = np.zeros(len(coarse), dtype=np.int64)
+        # The group of a record: its codes combined one quasi-identifier at a time, renumbered after
+        # each, so the combined number never overflows however many values the columns hold.
+        ids, count = np.zeros(len(coarse), dtype=np.int32), 1 if len(coarse) else 0
         for name in coarse.columns:
             codes = coarse[name].cat.codes.to_numpy()
             width = len(coarse[name].cat.categories) + 1
-            if len(combined) and int(combined.max()) >= 2**62 // width:
-                combined = pd.factorize(combined)[0]  # renumber before the mixed radix overflows
-            combined = combined * width + codes + 1
-        ids, _ = pd.factorize(combined)
-        del combined
-        count = int(ids.max()) + 1 if len(ids) else 0
-        self.ids = ids.astype(np.int32 if count < 2**31 else np.int64)  # every trial's kept: half the bytes
-        del ids
+            ids, count = _numbered(lambda s: ids[s].astype(np.int64) * width + codes[s] + 1, len(coarse))
+        self.ids = ids
         self.records = np.bincount(self.ids, minlength=count)
         self.persons = np.zeros(count, dtype=np.int64)
         known = people >= 0
         span = int(people.max()) + 1 if known.any() else 1
-        slices = max(1, int(known.sum()) // self.PEOPLE_PER_PASS + 1)
+        slices = max(1, int(known.sum()) // SLICE + 1)
         for part in range(slices):
-            # A person falls in one slice only, so the slices' distinct counts add up.
+            # Distinct (group, person) pairs a slice of people at a time, about SLICE records each: the
+            # pairs' hash table stays the same size. A person falls in one slice only, so counts add up.
             chosen = known & (people % slices == part) if slices > 1 else known
             pairs = pd.unique(self.ids[chosen].astype(np.int64) * span + people[chosen])
             self.persons += np.bincount(pairs // span, minlength=count)
@@ -258,9 +289,11 @@ class _Groups:
         self.per_value: dict = {}  # sensitive attribute -> records per group and value
         self.distinct: dict = {}
         for name, (codes, uniques) in values.items():
-            valid = codes >= 0
-            flat = np.bincount(self.ids[valid].astype(np.int64) * len(uniques) + codes[valid],
-                               minlength=count * len(uniques))
+            flat = np.zeros(count * len(uniques), dtype=np.int64)
+            for s in _slices(len(coarse)):
+                valid = codes[s] >= 0
+                flat += np.bincount(self.ids[s][valid].astype(np.int64) * len(uniques) + codes[s][valid],
+                                    minlength=count * len(uniques))
             self.per_value[name] = (flat.reshape(count, len(uniques)), uniques)
             self.distinct[name] = (self.per_value[name][0] > 0).sum(axis=1)
             self.ok &= self.distinct[name] >= spec.l
@@ -269,7 +302,15 @@ class _Groups:
     def labelled(self, coarse: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
         """Each group's generalised values (by group number), and the passing groups' numbers
         sorted by those values, as a sorted group-by lists them."""
-        _, first = np.unique(self.ids, return_index=True)
+        # Groups are numbered in order of first appearance: a group's first record is where the
+        # numbers first exceed all those before it (found a slice at a time, not by sorting them).
+        first, top = [], -1
+        for s in _slices(len(self.ids)):
+            part = self.ids[s]
+            before = np.maximum.accumulate(np.concatenate(([top], part[:-1])))
+            first.append(np.flatnonzero(part > before) + s.start)
+            top = max(top, int(part.max()))
+        first = np.concatenate(first) if first else np.empty(0, dtype=np.int64)
         labels = coarse.iloc[first].reset_index(drop=True)
         order = np.lexsort([labels[name].cat.codes.to_numpy() for name in reversed(coarse.columns)])
         return labels, order[self.ok[order]]
