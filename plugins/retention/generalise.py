@@ -109,8 +109,15 @@ def _slices(n: int):
     return (slice(start, min(start + SLICE, n)) for start in range(0, n, SLICE))
 
 
+def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """pd.factorize's codes (-1: missing) in the smallest integers that hold them, and the distinct values."""
+    codes, uniques = pd.factorize(values)
+    return codes.astype(_smallest(len(uniques))), uniques
+
+
 def _smallest(count: int):
-    return np.int8 if count < 2**7 else np.int16 if count < 2**15 else np.int32
+    """The smallest signed integers that number `count` values and -1."""
+    return next(t for t in (np.int8, np.int16, np.int32, np.int64) if count < np.iinfo(t).max)
 
 
 def _numbered(keys, n: int) -> tuple[np.ndarray, int]:
@@ -189,12 +196,11 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
     levels = {name: 0 for name in qis}
     ladders = {q.attribute.name: q.ladder for q in spec.quasi_identifiers}
     steps: dict = {}  # (attribute, level) -> generalised values, each computed once
-    people, person_keys = pd.factorize(frame[PERSON])  # missing: -1, nobody
-    people = people.astype(np.int32 if len(person_keys) < 2**31 else np.int64)
-    values = {}  # sensitive attribute -> (codes, values): a few distinct values each
-    for name in sensitive:
-        codes, uniques = pd.factorize(frame[name])
-        values[name] = (codes.astype(_smallest(len(uniques))), uniques)
+    people, person_keys = _codes(frame[PERSON])  # missing: -1, nobody
+    people = people.astype(np.result_type(people, np.int32))  # sliced by their number modulo a count
+    persons_in = len(person_keys)
+    del person_keys  # how many people, not who: the keys are not held any longer
+    values = {name: _codes(frame[name]) for name in sensitive}  # (codes, values): a few values each
 
     def at(name: str, level: int) -> pd.Series:
         if (name, level) not in steps:
@@ -202,7 +208,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
         return steps[(name, level)]
 
     def trial(chosen: dict) -> tuple[pd.DataFrame, _Groups]:
-        coarse = pd.DataFrame({name: at(name, chosen[name]) for name in qis}, index=frame.index)
+        coarse = pd.DataFrame({name: at(name, chosen[name]) for name in qis}, index=frame.index, copy=False)
         return coarse, _Groups(coarse, people, values, spec)
 
     lattice = sorted(product(*(range(len(ladders[name])) for name in qis)), key=sum)
@@ -244,7 +250,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
         "quasi_identifiers": {name: _step_label(ladders[name][levels[name]]) for name in qis},
         "ladder_steps_climbed": {name: levels[name] for name in qis},
         "sensitive": sensitive,
-        "records_in": int(len(frame)), "persons_in": int(len(person_keys)),
+        "records_in": int(len(frame)), "persons_in": persons_in,
         "records_released": int(passing.sum()), "records_suppressed": int((~passing).sum()),
         "persons_suppressed": int(len(pd.unique(suppressed_people[suppressed_people >= 0]))),
         "rows_generalised": int((raw_differs & passing).sum()),
@@ -338,9 +344,13 @@ def _generalised(values: pd.Series, step, stepped: pd.Series) -> np.ndarray:
         # A date's text is never its month, quarter or year: no need to write out every timestamp.
         return values.notna().to_numpy() | (step == "*")
     raw = generalise(values, "value")
-    # Compared as category codes: labels as strings per record would cost more than the frame.
+    # Compared as category codes (labels as strings per record would cost more than the frame), a slice at a time.
     raw_in_stepped = pd.Index(stepped.cat.categories).get_indexer(raw.cat.categories)
-    return raw_in_stepped[raw.cat.codes.to_numpy()] != stepped.cat.codes.to_numpy()
+    raw_codes, stepped_codes = raw.cat.codes.to_numpy(), stepped.cat.codes.to_numpy()
+    differs = np.empty(len(values), dtype=bool)
+    for s in _slices(len(values)):
+        differs[s] = raw_in_stepped[raw_codes[s]] != stepped_codes[s]
+    return differs
 
 
 def _step_label(step) -> str:
