@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import date
 
 import pandas as pd
+import pytest
 
 from retention import audit, pipeline, staging
 from retention.attributes import _Column, attribute_frame
@@ -46,7 +47,9 @@ def test_the_frame_is_the_same_whatever_the_chunk_size(backend):
     assert compared >= 2  # the customers' and the invoices' releases at least
 
 
-def test_a_column_folds_text_codes_and_missing_chunks():
+@pytest.mark.parametrize("merge", [2, 3, 64])  # chunks joined every `merge` chunks, or never in these
+def test_a_column_folds_text_codes_and_missing_chunks(monkeypatch, merge):
+    monkeypatch.setattr(_Column, "MERGE", merge)
     text = _Column()
     for values in (["b", "a", None], [None, None], ["a", "c"]):
         text.add(pd.Series(values, dtype=object).astype("category"))
@@ -62,6 +65,12 @@ def test_a_column_folds_text_codes_and_missing_chunks():
     loose.add(pd.Series(["x", None], dtype=object).astype("category"))
     loose.add(pd.Series([1.5]))
     assert _values(loose.series()) == ["x", None, 1.5]
+
+    numbers = _Column()
+    for values in ([1.5, None], [2.0], [None, 3.0], [4.0]):
+        numbers.add(pd.Series(values, dtype="float64"))
+    assert _values(numbers.series()) == [1.5, None, 2.0, None, 3.0, 4.0]
+    assert len(numbers.pieces) == 4 // merge + 4 % merge  # joined as they come, `merge` chunks at a time
 
 
 def _values(series: pd.Series) -> list:

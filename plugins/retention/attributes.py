@@ -40,11 +40,17 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: i
 
 class _Column:
     """One column of the frame, built chunk by chunk. Text comes as categories per chunk: only the
-    codes are kept, into one index of the distinct values, so each distinct string is held once."""
+    codes are kept, into one index of the distinct values, so each distinct string is held once.
+    Chunks are joined MERGE at a time: thousands of small arrays, one per chunk, each pinning what
+    its chunk left around it in the heap, held about twice the column's size (scale 4: +103 MB for
+    a 40 MB frame)."""
+
+    MERGE = 64
 
     def __init__(self):
         self.index: dict = {}  # distinct text value -> code, in order of appearance
-        self.pieces: list = []  # per chunk: int32 codes (text; -1 missing) or the values as they are
+        self.pieces: list = []  # per chunk or run of chunks: int32 codes (text; -1 missing) or the values
+        self.fresh = 0  # chunks added since the last join
 
     def add(self, values: pd.Series) -> None:
         if isinstance(values.dtype, pd.CategoricalDtype):
@@ -52,6 +58,19 @@ class _Column:
             self.pieces.append(np.array(codes + [-1], dtype=np.int32)[values.cat.codes.to_numpy()])
         else:
             self.pieces.append(values.reset_index(drop=True))
+        self.fresh += 1
+        if self.fresh == self.MERGE:
+            self._join(self.pieces[-self.MERGE:])
+            self.fresh = 0
+
+    def _join(self, recent: list) -> None:
+        if all(isinstance(p, np.ndarray) for p in recent):
+            joined = np.concatenate(recent)
+        elif all(isinstance(p, pd.Series) and p.dtype == recent[0].dtype for p in recent):
+            joined = pd.concat(recent, ignore_index=True)
+        else:
+            return  # a loosely typed column's chunks of text and of numbers: joined at the end, as they are
+        self.pieces[-len(recent):] = [joined]
 
     def series(self) -> pd.Series:
         plain = [p for p in self.pieces if isinstance(p, pd.Series)]

@@ -121,10 +121,10 @@ def _smallest(count: int):
 
 
 def _numbered(keys, n: int) -> tuple[np.ndarray, int]:
-    """Number the distinct values of `keys(slice)` over n records in order of first appearance (as
-    pd.factorize would), a slice at a time: one 4-byte number per record, not factorize's 8 and a copy."""
-    seen = [pd.unique(keys(s)) for s in _slices(n)]
-    distinct = pd.Index(pd.unique(np.concatenate(seen)) if seen else np.empty(0, dtype=np.int64))
+    """Number the distinct values of `keys(slice)` over n records in order of first appearance, missing
+    values -1 (as pd.factorize would), a slice at a time: 4 bytes a record, not factorize's 8 and a copy."""
+    seen = [pd.Series(pd.unique(keys(s))) for s in _slices(n)]
+    distinct = pd.Index(pd.concat(seen, ignore_index=True) if seen else []).unique().dropna()
     ids = np.empty(n, dtype=np.int32 if len(distinct) < 2**31 else np.int64)
     for s in _slices(n):
         ids[s] = distinct.get_indexer(keys(s))
@@ -196,10 +196,7 @@ def build_release(frame: pd.DataFrame, spec: Anonymisation) -> Release:
     levels = {name: 0 for name in qis}
     ladders = {q.attribute.name: q.ladder for q in spec.quasi_identifiers}
     steps: dict = {}  # (attribute, level) -> generalised values, each computed once
-    people, person_keys = _codes(frame[PERSON])  # missing: -1, nobody
-    people = people.astype(np.result_type(people, np.int32))  # sliced by their number modulo a count
-    persons_in = len(person_keys)
-    del person_keys  # how many people, not who: the keys are not held any longer
+    people, persons_in = _numbered(lambda s: frame[PERSON].array[s], len(frame))  # missing: -1, nobody
     values = {name: _codes(frame[name]) for name in sensitive}  # (codes, values): a few values each
 
     def at(name: str, level: int) -> pd.Series:
