@@ -107,6 +107,18 @@ def test_records_and_people_worked_on_a_slice_at_a_time_give_the_same_release(mo
     assert whole.data["records"].sum() == 48 and whole.evidence["records_suppressed"] == 1
 
 
+def test_quasi_identifiers_held_as_category_codes_and_days_give_the_same_release():
+    # As the attribute frame holds them: codes into their distinct values, timestamps as their day.
+    frame = pd.DataFrame(records(30) + records(12, start=200, postcode="69003", day=date(2023, 7, 1))
+                         + records(6, start=300, sector="Conseil", postcode=None, day=None))
+    frame["period"] = pd.to_datetime(frame["period"]) + pd.to_timedelta(frame.index % 24, unit="h")
+    held = frame.assign(sector=frame["sector"].astype("category"), place=frame["place"].astype("category"),
+                        period=frame["period"].dt.normalize().astype("category"))
+    raw, coded = build_release(frame, spec(max_suppressed=0.2)), build_release(held, spec(max_suppressed=0.2))
+    assert coded.data.equals(raw.data) and coded.evidence == raw.evidence
+    assert (coded.suppressed == raw.suppressed).all() and coded.evidence["rows_generalised"] == 42
+
+
 def test_evidence_adds_up_and_measures_keep_their_totals():
     frame = pd.DataFrame(records(30) + records(12, start=200, postcode="69003", day=date(2023, 7, 1))
                          + records(2, start=300, sector="Conseil", postcode="33000"))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import and_, func, select
 
-from .generalise import OTHER, PERSON, person_codes
+from .generalise import DATE_STEPS, OTHER, PERSON, smallest_int, person_codes
 from .rules import Attribute, Related, TableSpec
 from .sources import Sources, dict_rows, keys_in
 from .staging import chunks
@@ -51,11 +51,13 @@ class _Column:
         self.index: dict = {}  # distinct text value -> code, in order of appearance
         self.pieces: list = []  # per chunk or run of chunks: int32 codes (text; -1 missing) or the values
         self.fresh = 0  # chunks added since the last join
+        self.floats = False  # whole numbers with NULLs are read as floats: so in any chunk, so in all
 
     def add(self, values: pd.Series) -> None:
         if isinstance(values.dtype, pd.CategoricalDtype):
             codes = [self.index.setdefault(v, len(self.index)) for v in values.cat.categories]
-            self.pieces.append(np.array(codes + [-1], dtype=np.int32)[values.cat.codes.to_numpy()])
+            self.floats |= values.cat.categories.dtype.kind == "f" or bool(values.isna().any())
+            self.pieces.append(np.array(codes + [-1], dtype=smallest_int(len(self.index)))[values.cat.codes.to_numpy()])
         else:
             self.pieces.append(values.reset_index(drop=True))
         self.fresh += 1
@@ -76,11 +78,15 @@ class _Column:
         plain = [p for p in self.pieces if isinstance(p, pd.Series)]
         if not plain:
             # Sorted, as one frame's astype("category") would: the frame is the same however chunked.
-            categories = pd.Index(list(self.index), dtype=object)
-            order = categories.argsort()
-            recode = np.empty(len(order) + 1, dtype=np.int32)
-            recode[order], recode[-1] = np.arange(len(order)), -1
-            return pd.Series(pd.Categorical.from_codes(recode[np.concatenate(self.pieces)], categories=categories[order]))
+            # (factorize sorts text and numbers mixed in one loosely typed column too; dates and
+            # numbers keep their type, text stays plain objects.)
+            recode, categories = pd.factorize(pd.Index(list(self.index), dtype=object), sort=True)
+            if pd.api.types.infer_dtype(categories) != "string":
+                categories = categories.infer_objects()
+            if self.floats and categories.dtype.kind in "iu":
+                categories = categories.astype("float64")
+            recode = np.append(recode, -1).astype(smallest_int(len(categories)))
+            return pd.Series(pd.Categorical.from_codes(recode[np.concatenate(self.pieces)], categories=categories))
         if not self.index:  # chunks where every value was missing, as an empty category: missing values
             dtype = plain[0].dtype if plain[0].dtype.kind in "Mmf" else "float64"
             pieces = [p if isinstance(p, pd.Series) else pd.Series(index=range(len(p)), dtype=dtype) for p in self.pieces]
@@ -141,7 +147,22 @@ def _typed(frame: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
             frame[name] = pd.to_datetime(frame[name], errors="coerce")
         else:
             frame[name] = frame[name].astype("category")  # text repeats: categories keep the frame compact
+    for q in spec.quasi_identifiers:
+        frame[q.attribute.name] = _repeating(frame[q.attribute.name], q.ladder)
     return frame
+
+
+def _repeating(values: pd.Series, ladder: tuple) -> pd.Series:
+    """A quasi-identifier as categories: its values repeat (that is what its ladder is for), so each
+    record holds a code of one or two bytes, not an 8-byte number or date (the frame of 1.5 M e-mail
+    events: 40 MB, of which campaign and timestamp 25). Timestamps whose every step is a date step
+    are held as their day: the steps only read the day, and days repeat where timestamps do not.
+    Numbers cut into bands are left as they are: amounts may all differ."""
+    if any(isinstance(step, tuple) for step in ladder):
+        return values
+    if all(step in DATE_STEPS for step in ladder) and pd.api.types.is_datetime64_any_dtype(values):
+        values = values.dt.normalize()
+    return values.astype("category")
 
 
 def _categories(values: pd.Series, attr: Attribute, declared: tuple) -> pd.Series:

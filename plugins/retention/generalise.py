@@ -22,6 +22,7 @@ PERSON = "__person"
 SLICE = 250_000  # records worked on at a time
 UNKNOWN = "unknown"
 OTHER = "other"
+DATE_STEPS = ("month", "quarter", "year", "*")  # steps that read only a date's day
 
 _REGIONS = {
     "Auvergne-Rhône-Alpes": "01 03 07 15 26 38 42 43 63 69 73 74",
@@ -95,7 +96,7 @@ def generalise(values: pd.Series, step) -> pd.Series:
     categories = np.unique(np.append(labels, missing).astype(str))  # sorted, as astype("category") sorts
     # Per distinct value its label's code, and last, for a missing value (position -1), the missing label's.
     lookup = np.append(pd.Index(categories).get_indexer(labels), categories.searchsorted(missing))
-    lookup = lookup.astype(_smallest(len(categories)))
+    lookup = lookup.astype(smallest_int(len(categories)))
     stepped = np.empty(len(values), dtype=lookup.dtype)
     for s in _slices(len(values)):
         codes = values.cat.codes.to_numpy()[s] if text else uniques.get_indexer(prepared(values.iloc[s]))
@@ -112,10 +113,10 @@ def _slices(n: int):
 def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """pd.factorize's codes (-1: missing) in the smallest integers that hold them, and the distinct values."""
     codes, uniques = pd.factorize(values)
-    return codes.astype(_smallest(len(uniques))), uniques
+    return codes.astype(smallest_int(len(uniques))), uniques
 
 
-def _smallest(count: int):
+def smallest_int(count: int):
     """The smallest signed integers that number `count` values and -1."""
     return next(t for t in (np.int8, np.int16, np.int32, np.int64) if count < np.iinfo(t).max)
 
@@ -337,7 +338,8 @@ def _aggregate(groups: _Groups, labels: pd.DataFrame, released: np.ndarray, fram
 
 def _generalised(values: pd.Series, step, stepped: pd.Series) -> np.ndarray:
     """Per record: whether its released label differs from its own value's text."""
-    if step in ("month", "quarter", "year", "*") and pd.api.types.is_datetime64_any_dtype(values):
+    held = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
+    if step in DATE_STEPS and pd.api.types.is_datetime64_any_dtype(held):
         # A date's text is never its month, quarter or year: no need to write out every timestamp.
         return values.notna().to_numpy() | (step == "*")
     raw = generalise(values, "value")
