@@ -25,8 +25,9 @@ _AGGREGATES = {"max": func.max, "sum": func.sum, "count": func.count, "any": fun
 def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: int) -> pd.DataFrame:
     """One row per record due for anonymisation (`rows`: the decide step's Planned records, with key,
     archived flag and event dates), in the order given, with the person column and every declared attribute.
-    Rows are read chunk by chunk and each chunk folded into its columns at once: text is held as
-    codes into one set of distinct values, so the frame stays compact whatever the number of records."""
+    Rows are read chunk by chunk and each chunk folded into its columns at once: text and
+    quasi-identifiers are held as codes into one set of distinct values, so the frame stays compact
+    whatever the number of records."""
     columns: dict[str, _Column] = {}
     for part in chunks(rows, chunk):
         for name, values in _part(sources, table, part).items():
@@ -39,8 +40,8 @@ def attribute_frame(sources: Sources, table: TableSpec, rows: Iterable, chunk: i
 
 
 class _Column:
-    """One column of the frame, built chunk by chunk. Text comes as categories per chunk: only the
-    codes are kept, into one index of the distinct values, so each distinct string is held once.
+    """One column of the frame, built chunk by chunk. Text and quasi-identifiers come as categories
+    per chunk: only the codes are kept, into one index of the distinct values, each held once.
     Chunks are joined MERGE at a time: thousands of small arrays, one per chunk, each pinning what
     its chunk left around it in the heap, held about twice the column's size (scale 4: +103 MB for
     a 40 MB frame)."""
@@ -48,8 +49,8 @@ class _Column:
     MERGE = 64
 
     def __init__(self):
-        self.index: dict = {}  # distinct text value -> code, in order of appearance
-        self.pieces: list = []  # per chunk or run of chunks: int32 codes (text; -1 missing) or the values
+        self.index: dict = {}  # distinct value -> code, in order of appearance
+        self.pieces: list = []  # per chunk or run of chunks: codes (-1 missing) or the values
         self.fresh = 0  # chunks added since the last join
         self.floats = False  # whole numbers with NULLs are read as floats: so in any chunk, so in all
 
