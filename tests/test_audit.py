@@ -136,6 +136,50 @@ def test_entries_left_in_the_outbox_after_the_store_took_them_are_not_chained_tw
     assert verify(retention_home).ok
 
 
+def test_the_outbox_is_emptied_at_once_only_when_the_store_has_all_it_holds(trail, retention_home):
+    """The apply step empties the outbox in one go when it holds exactly the entries the step
+    published; an entry the store lacks (which nothing but a crash's leftovers could be) is
+    published instead, never dropped."""
+    from retention.rules import load_rules
+    from retention.sources import Sources
+
+    stored = entries(trail)
+    left = [{k: v for k, v in e.items() if k not in ("seq", "prev_hash", "entry_hash")} for e in stored[:3]]
+    sources, store = Sources(load_rules()), AuditStore.open()
+    outbox = sources.outbox("crm")
+    with trail.engines["crm"].begin() as conn:
+        conn.execute(insert(outbox), left)
+    store.clear_outbox(sources, "crm", published=3)
+    assert trail.rows("crm", "retention_audit_outbox") == []
+    assert entries(trail) == stored
+
+    missing = dict(left[0], entry_id="f" * 64, record_hash="e" * 64)
+    with trail.engines["crm"].begin() as conn:
+        conn.execute(insert(outbox), [*left, missing])
+    store.clear_outbox(sources, "crm", published=3)
+    assert trail.rows("crm", "retention_audit_outbox") == []
+    assert [e["entry_id"] for e in entries(trail)] == [e["entry_id"] for e in stored] + [missing["entry_id"]]
+    assert verify(retention_home).ok
+
+
+def test_a_change_s_entry_id_leads_with_its_recording_time(trail):
+    """Ids of changes grow with time (the store's key index grows at its end); events keep the bare
+    hash a retried step finds them by."""
+    from datetime import datetime
+    import hashlib
+
+    from retention.audit import entry_id
+
+    early, late = datetime(2026, 6, 1, 2, 0, 0, 1), datetime(2026, 6, 1, 2, 0, 0, 2)
+    ids = [entry_id("run", "crm", "t", h * 64, "delete", (), at) for at in (late, early) for h in "ab"]
+    assert all(len(i) == 64 for i in ids) and len(set(ids)) == 4
+    assert sorted(ids) == sorted(ids[2:]) + sorted(ids[:2])
+    assert entry_id("run", "crm", "t", "a" * 64, "delete", ()) == hashlib.sha256(
+        f"run|crm|t|{'a' * 64}|delete|".encode()).hexdigest()
+    times = [e["entry_id"][:16] for e in entries(trail) if e["action"] == "delete"]  # in chain order
+    assert len(times) == 7 and times == sorted(times)
+
+
 def test_a_run_checks_the_whole_chain_then_only_what_follows_the_last_published_head(trail):
     [first] = [json.loads(r["summary"]) for r in trail.rows("audit", "retention_runs")]
     assert first["audit_verification"] == {**first["audit_verification"], "ok": True, "scope": "full", "entries": 7}

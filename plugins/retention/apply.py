@@ -133,7 +133,7 @@ def _entry(spec: TableSpec, planned: Planned, run: RunContext, recorded_at, subj
     rhash = audit.record_hash(run.key, spec.system, spec.name, planned.key)
     action = planned.action + ("_from_archive" if planned.archived else "")
     return dict(
-        entry_id=audit.entry_id(run.run_id, spec.system, spec.name, rhash, action, planned.fields),
+        entry_id=audit.entry_id(run.run_id, spec.system, spec.name, rhash, action, planned.fields, recorded_at),
         run_id=run.run_id, as_of=run.as_of, system=spec.system, table_name=spec.name, record_hash=rhash,
         subject_hash=subject_hash, action=action, rules=",".join(planned.rules), purposes=run.purposes(planned.rules),
         fields=",".join(planned.fields) or None, reason=planned.reason, recorded_at=recorded_at,

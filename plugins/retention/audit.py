@@ -10,10 +10,10 @@ import hmac
 import json
 import os
 import secrets
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy import (Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, delete, func, insert,
-                        inspect, select, update)
+                        inspect, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
 from . import chain
@@ -114,11 +114,21 @@ def subject_hash(key: bytes, subject) -> str | None:
     return None if subject is None else keyed_hash(key, "subject", str(subject))
 
 
-def entry_id(run_id: str, system: str, table: str, rhash: str, action: str, fields: tuple) -> str:
+def entry_id(run_id: str, system: str, table: str, rhash: str, action: str, fields: tuple,
+             recorded_at: datetime | None = None) -> str:
     """One per change: fixed when the change commits (in the outbox), so publishing again after a
-    crash never duplicates it."""
-    raw = "|".join([run_id, system, table, rhash, action, ",".join(fields)])
-    return hashlib.sha256(raw.encode()).hexdigest()
+    crash never duplicates it. A change's id leads with the time it was recorded (`recorded_at`, in
+    microseconds, hex), then 48 digits of the hash: the store's key index, and the outbox's, then
+    grow at their end instead of at random pages, which halved the cost of writing an entry there.
+    Events (no `recorded_at`) keep the bare hash: a retried step finds its event by it."""
+    digest = hashlib.sha256("|".join([run_id, system, table, rhash, action, ",".join(fields)]).encode()).hexdigest()
+    if recorded_at is None:
+        return digest
+    return f"{(recorded_at - _EPOCH) // _MICROSECOND:016x}{digest[:48]}"
+
+
+_EPOCH = datetime(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def now() -> datetime:
@@ -193,9 +203,10 @@ class AuditStore:
                 return moved
             moved += self.publish_entries(sources, system, rows)
 
-    def publish_entries(self, sources: Sources, system: str, entries: list[dict]) -> int:
-        """Chain entries a source's outbox holds into the store, then let the outbox forget them.
-        Entries the store already has (a crash between the two) are not chained twice."""
+    def publish_entries(self, sources: Sources, system: str, entries: list[dict], forget: bool = True) -> int:
+        """Chain entries a source's outbox holds into the store, then let the outbox forget them
+        (unless `forget` is false: the caller empties it with `clear_outbox`). Entries the store
+        already has (a crash between the two) are not chained twice."""
         if not entries:
             return 0
         ids = [e["entry_id"] for e in entries]
@@ -210,6 +221,27 @@ class AuditStore:
                     one_of(self.entries.c.entry_id, ids, self.engine.dialect.name))))
                 fresh = [e for e in entries if e["entry_id"] not in known]
                 self._chain_in(conn, fresh)
+        if forget:
+            self._forget(sources, system, entries)
+        return len(fresh)
+
+    def clear_outbox(self, sources: Sources, system: str, published: int) -> None:
+        """Empty a source's outbox at once (TRUNCATE on PostgreSQL) if it holds exactly the `published`
+        entries the caller wrote to it and the store took since it was last empty; else forget
+        them one by one, as a crash's leftovers. Deleting each batch's entries by key cost a fifth of
+        an apply step (30 s of 166 for the 1.5 million entries of the marketing system)."""
+        outbox = sources.outbox(system)
+        with sources.engine(system).begin() as conn:
+            postgres = conn.dialect.name == "postgresql"
+            name = conn.dialect.identifier_preparer.quote(outbox.name)
+            if postgres:  # nothing may write to it between the count and the truncation
+                conn.execute(text(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE"))
+            if conn.scalar(select(func.count()).select_from(outbox)) == published:
+                conn.execute(text(f"TRUNCATE {name}") if postgres else delete(outbox))
+                return
+        self.publish(sources, system)
+
+    def _forget(self, sources: Sources, system: str, entries: list[dict]) -> None:
         # Only once the store has committed them may the outbox forget them. By recording time first
         # (an apply batch's entries share one): that leading column of the outbox's order index finds
         # them whatever the statistics say, where the key alone sometimes got a plan that reads the
@@ -223,7 +255,6 @@ class AuditStore:
             for recorded_at, same in by_time.items():
                 conn.execute(delete(outbox).where(outbox.c.recorded_at == recorded_at,
                                                   one_of(outbox.c.entry_id, same, conn.dialect.name)))
-        return len(fresh)
 
     def _chain_in(self, conn, entries: list[dict]) -> None:
         """Append entries to the chain inside the caller's transaction. Writing the head first takes

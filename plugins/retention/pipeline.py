@@ -42,6 +42,8 @@ from .sources import Sources
 log = logging.getLogger("retention")
 SAMPLES = 3
 FORECAST_HORIZONS = (30, 90, 365)
+# Published entries the outbox keeps before it is emptied at once: a few tens of MB in the source.
+OUTBOX_CLEARED_EVERY = 50_000
 Progress = Callable[[str, str, int], None]  # (system, table, rows done in this step)
 
 
@@ -458,14 +460,20 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     statistics = _open_statistics(sources, spec, run, releases)
     context = RunContext(run.run_id, run.as_of, key, rules)
     done: Counter = Counter()
-    published = 0
+    published = in_outbox = 0
     for table_name, batch in staging.read_batches(_staging(run, system, "to_apply")):
         counts, entries = apply_batch(sources, spec.tables[table_name], batch, context)
         done.update(counts)
         # Published at once from memory; a crash before this leaves them in the outbox for the next run.
-        published += store.publish_entries(sources, system, entries)
+        published += store.publish_entries(sources, system, entries, forget=False)
+        in_outbox += len(entries)
+        if in_outbox >= OUTBOX_CLEARED_EVERY:
+            store.clear_outbox(sources, system, in_outbox)
+            in_outbox = 0
         if progress:
             progress(system, table_name, len(batch))
+    if in_outbox:
+        store.clear_outbox(sources, system, in_outbox)
     if statistics is not None:
         _publish_releases(statistics, store, spec, run, key, releases)
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
