@@ -170,6 +170,36 @@ def test_crash_mid_run_leaves_source_and_audit_consistent(backend, monkeypatch):
     assert len(audit_rows(backend)) == 7
 
 
+def test_a_failed_publication_stops_the_step_and_leaves_every_change_traced(backend, monkeypatch):
+    """Entries are published by a second thread while the next batch is applied: when the audit
+    store refuses them, the step fails, and each change that committed has its entry in the outbox
+    or the store; the next run publishes them, chained once."""
+    from retention.audit import AuditStore
+
+    for n in range(1, 8):
+        backend.insert("crm", "fraud_alerts", dict(alert_id=n, customer_number="F", raised_on=D("2015-01-01")))
+    real, calls = AuditStore.publish_entries, {"n": 0}
+
+    def store_down_at_second_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("audit store unreachable")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AuditStore, "publish_entries", store_down_at_second_batch)
+    with pytest.raises(RuntimeError, match="audit store unreachable"):
+        run_retention("2020-01-01", systems=["crm"], batch_size=2)
+    # Batches 1 and 2, and 3, applied while 2 was being published; none after.
+    assert len(backend.rows("crm", "fraud_alerts")) == 1
+    outbox, store = backend.rows("crm", "retention_audit_outbox"), audit_rows(backend)
+    assert len({e["entry_id"] for e in outbox + store if e["action"] == "delete"}) == 6
+
+    monkeypatch.setattr(AuditStore, "publish_entries", real)
+    run_retention("2020-01-01", systems=["crm"], batch_size=2)
+    assert backend.rows("crm", "fraud_alerts") == [] and backend.rows("crm", "retention_audit_outbox") == []
+    assert len([e for e in audit_rows(backend) if e["action"] == "delete"]) == 7
+
+
 def test_the_outbox_is_emptied_during_the_apply_step_once_the_store_has_its_entries(backend, monkeypatch):
     """The outbox does not hold a whole step's entries: every few batches, once the store has them,
     it is emptied; at the end of the step nothing is left in it and every change is in the store."""

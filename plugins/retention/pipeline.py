@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -461,17 +462,26 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     context = RunContext(run.run_id, run.as_of, key, rules)
     done: Counter = Counter()
     published = in_outbox = 0
-    for table_name, batch in staging.read_batches(_staging(run, system, "to_apply")):
-        counts, entries = apply_batch(sources, spec.tables[table_name], batch, context)
-        done.update(counts)
-        # Published at once from memory; a crash before this leaves them in the outbox for the next run.
-        published += store.publish_entries(sources, system, entries, forget=False)
-        in_outbox += len(entries)
-        if in_outbox >= OUTBOX_CLEARED_EVERY:
-            store.clear_outbox(sources, system, in_outbox)
-            in_outbox = 0
-        if progress:
-            progress(system, table_name, len(batch))
+    # Each batch's entries are published from memory (a crash before leaves them in the outbox for the
+    # next run) by a second thread while this one applies the next batch: both mostly wait on their
+    # database. One batch at a time, in order: the chain keeps the order of the changes.
+    with ThreadPoolExecutor(1, thread_name_prefix="publish") as publisher:
+        publishing = None
+        for table_name, batch in staging.read_batches(_staging(run, system, "to_apply")):
+            if in_outbox >= OUTBOX_CLEARED_EVERY:  # all it holds must be published first
+                published += publishing.result()
+                store.clear_outbox(sources, system, in_outbox)
+                publishing, in_outbox = None, 0
+            counts, entries = apply_batch(sources, spec.tables[table_name], batch, context)
+            done.update(counts)
+            if publishing is not None:
+                published += publishing.result()  # its failure stops the step here
+            publishing = publisher.submit(store.publish_entries, sources, system, entries, False)
+            in_outbox += len(entries)
+            if progress:
+                progress(system, table_name, len(batch))
+        if publishing is not None:
+            published += publishing.result()
     if in_outbox:
         store.clear_outbox(sources, system, in_outbox)
     if statistics is not None:
