@@ -67,7 +67,11 @@ class Extraction:
         event_at = [[(at[value], None if flag is None else at[flag], ongoing) for value, flag, ongoing in items]
                     for items in events]
         # One query per table, streamed: the database joins the aggregates once (hash joins), where
-        # a query per key range would plan and probe them again for every batch.
+        # a query per key range would plan and probe them again for every batch. Every row is read:
+        # PostgreSQL is told so, else it plans a cursor for its first tenth, with nested loops in key
+        # order (45 s instead of 9 for the 611,107 campaign sends of the benchmark).
+        if self.conn.dialect.name == "postgresql":
+            self.conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1")  # this transaction only
         result = self.conn.execute(query, execution_options={"stream_results": True, "yield_per": batch_size})
         for rows in result.partitions():
             yield [
