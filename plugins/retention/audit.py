@@ -119,8 +119,9 @@ def entry_id(run_id: str, system: str, table: str, rhash: str, action: str, fiel
     """One per change: fixed when the change commits (in the outbox), so publishing again after a
     crash never duplicates it. A change's id leads with the time it was recorded (`recorded_at`, in
     microseconds, hex), then 48 digits of the hash: the store's key index, and the outbox's, then
-    grow at their end instead of at random pages, which halved the cost of writing an entry there.
-    Events (no `recorded_at`) keep the bare hash: a retried step finds its event by it."""
+    grow at their end instead of at random pages (for 1.5 million entries the index costs 3 s
+    instead of 13 to 22). Events (no `recorded_at`) keep the bare hash: a retried step finds its
+    event by it."""
     digest = hashlib.sha256("|".join([run_id, system, table, rhash, action, ",".join(fields)]).encode()).hexdigest()
     if recorded_at is None:
         return digest
