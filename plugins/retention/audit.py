@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import json
 import os
 import secrets
+from collections.abc import Iterable, Iterator
 from datetime import date, datetime, timedelta, timezone
+from itertools import islice
 
-from sqlalchemy import (Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, delete, func, insert,
-                        inspect, select, text, update)
+from sqlalchemy import (BigInteger, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, and_,
+                        delete, func, insert, inspect, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
 from . import chain
@@ -86,15 +87,21 @@ def record_hash(key: bytes, system: str, table: str, primary_key: tuple) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _keyed(key: bytes):
-    """HMAC state after the key: copying it skips the key schedule, paid once per key, not per record."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _keyed(key: bytes) -> tuple:
+    """SHA-256 states after HMAC's inner and outer padded keys (RFC 2104), paid once per key: per
+    message, two copies of them cost a third of copying an `hmac.HMAC` (a nightly run hashes
+    millions of records, subjects and identifiers)."""
+    block = (hashlib.sha256(key).digest() if len(key) > hashlib.sha256().block_size else key).ljust(64, b"\0")
+    return hashlib.sha256(bytes(b ^ 0x36 for b in block)), hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
 
 def _hmac(key: bytes, message: str) -> str:
-    state = _keyed(key).copy()
-    state.update(message.encode())
-    return state.hexdigest()
+    inner, outer = _keyed(key)
+    inner = inner.copy()
+    inner.update(message.encode())
+    outer = outer.copy()
+    outer.update(inner.digest())
+    return outer.hexdigest()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -103,7 +110,15 @@ def _record_prefix(system: str, table: str) -> str:
 
 
 def _json(part) -> str:
-    """json.dumps(part, default=str), without building an encoder per call for plain values."""
+    """json.dumps(part, default=str), written directly for the keys and names hashed by the million
+    (integers, lists of them, plain printable ASCII strings): the same text, four times faster."""
+    kind = type(part)
+    if kind is int:
+        return str(part)
+    if kind is str and part.isascii() and part.isprintable() and '"' not in part and "\\" not in part:
+        return f'"{part}"'
+    if kind is list and all(type(p) is int for p in part):
+        return "[" + ", ".join(map(str, part)) + "]"
     try:
         return json.dumps(part)
     except TypeError:
@@ -343,18 +358,51 @@ class AuditStore:
             return set(conn.scalars(select(e.c.table_name).distinct()
                                     .where(e.c.system == system, e.c.action.in_(REMOVALS))))
 
-    def prior_final_actions(self, system: str, table: str, hashes: list[str]) -> dict:
-        """{record hash: (action, fields, as_of, run_id)}: the latest removal recorded for each record."""
-        if not self.exists or not hashes:
-            return {}
+    def prior_removals(self, system: str, records: Iterable[tuple[int, str, str]],
+                       page: int = 20_000) -> Iterator[tuple[int, tuple]]:
+        """(ordinal, (action, fields, as_of, run_id)) of the latest removal recorded for each of
+        `records` ((ordinal, table, record hash), any number) that has one, by ordinal. The hashes
+        are loaded into a temporary table and joined once: looked up a batch at a time (an index
+        probe per hash, 30 to 100 ms per 2,000), the check took 200 s of a 301 s nightly run at
+        scale 1. The matches are read a page at a time: after a whole backup is restored they are
+        as many as the records removed."""
+        if not self.exists:
+            return
+        metadata = MetaData()
+        checked = Table("retention_checked_records", metadata, Column("ordinal", BigInteger, primary_key=True),
+                        Column("table_name", String(128), nullable=False),
+                        Column("record_hash", String(64), nullable=False), prefixes=["TEMPORARY"])
+        found = Table("retention_found_removals", metadata, Column("ordinal", BigInteger, primary_key=True),
+                      Column("seq", Integer, nullable=False), prefixes=["TEMPORARY"])
         e = self.entries
-        query = (select(e.c.record_hash, e.c.action, e.c.fields, e.c.as_of, e.c.run_id)
-                 .where(e.c.system == system, e.c.table_name == table,
-                        one_of(e.c.record_hash, hashes, self.engine.dialect.name),
-                        e.c.action.in_(REMOVALS))
-                 .order_by(e.c.seq))
         with self.engine.connect() as conn:
-            return {row[0]: tuple(row[1:]) for row in conn.execute(query)}
+            metadata.create_all(conn)
+            try:
+                rows = iter(records)
+                while part := list(islice(rows, page)):
+                    bulk_insert(conn, checked, [dict(ordinal=o, table_name=t, record_hash=h) for o, t, h in part])
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text(f"ANALYZE {checked.name}"))  # temporary tables are never auto-analysed
+                latest = (select(checked.c.ordinal, func.max(e.c.seq))
+                          .join(e, and_(e.c.table_name == checked.c.table_name, e.c.record_hash == checked.c.record_hash))
+                          .where(e.c.system == system, e.c.action.in_(REMOVALS)).group_by(checked.c.ordinal))
+                conn.execute(insert(found).from_select(["ordinal", "seq"], latest))
+                conn.commit()
+                last = -1
+                while True:
+                    matches = conn.execute(select(found.c.ordinal, e.c.action, e.c.fields, e.c.as_of, e.c.run_id)
+                                           .join(e, e.c.seq == found.c.seq).where(found.c.ordinal > last)
+                                           .order_by(found.c.ordinal).limit(page)).all()
+                    conn.commit()  # no transaction held open while the caller decides
+                    for ordinal, *prior in matches:
+                        yield ordinal, tuple(prior)
+                    if len(matches) < page:
+                        return
+                    last = matches[-1][0]
+            finally:  # temporary tables outlive the pooled connection's checkout
+                conn.rollback()
+                metadata.drop_all(conn)
+                conn.commit()
 
     def lookup(self, subject_hashes: list[str], identifier_hashes: list[str]) -> list[dict]:
         """Entries about a person, found by the keyed hashes of what they told us."""
