@@ -216,32 +216,38 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     Rows the audit trail says were already removed (a restored backup) are removed again."""
     spec = rules.system(system)
     tally = Tally()
-    # Only records of a table with a removal in the trail can have been brought back by a restore.
+    facts = _staging(run, system, "facts")
+    # Only records of a table with a removal in the trail can have been brought back by a restore:
+    # those are checked against the trail at once, and the few found met again by their ordinal.
     removed = store.removed_tables(system) if store is not None else set()
+    restored = store.prior_removals(system, _record_hashes(facts, system, removed, key)) if removed else iter(())
+    found = next(restored, None)
+    ordinal = -1
     decider = None
     with staging.BatchWriter(_staging(run, system, "decisions")) as out:
-        for table_name, rows in staging.read_batches(_staging(run, system, "facts")):
+        for table_name, rows in staging.read_batches(facts):
             table = spec.tables[table_name]
             # A table's batches come one after the other: only its memo is kept, not every table's.
             if decider is None or decider.table is not table:
                 decider = _Decider(table, run.as_of, rules.settings)
-            prior = {}
-            if table_name in removed:
-                hashes = {row[0]: audit_mod.record_hash(key, system, table_name, row[0]) for row in rows}
-                found = store.prior_final_actions(system, table_name, list(hashes.values()))
-                prior = {k: found[h] for k, h in hashes.items() if h in found}
             subjects: dict = {}  # rows of a batch often share a subject: one HMAC each, per batch
             counted: dict[int, list] = {}  # id(decision) -> [decision, rows]
             planned = []
             for row_key, subject, archived, present, identifiers, events in rows:
-                held_because = None
-                if held:  # no HMAC per row without holds
+                decision = decider(events, present, archived, None)
+                # A hold only ever turns a change into a smaller one or into keeping: a row kept
+                # anyway (most rows, every night) needs no subject HMAC. Report-only rules excepted:
+                # what they would do depends on the hold.
+                if held and (decision.action != KEEP or decision.report_only_rules):
                     if subject not in subjects:
                         subjects[subject] = audit_mod.subject_hash(key, subject)
                     held_because = holds_mod.hold_reason(held, subjects[subject], system, table)
-                decision = decider(events, present, archived, held_because)
-                if row_key in prior:
-                    decision = reapply_after_restore(decision, decider.facts(events, present, archived), prior[row_key])
+                    if held_because is not None:
+                        decision = decider(events, present, archived, held_because)
+                ordinal += 1
+                if found is not None and found[0] == ordinal:
+                    decision = reapply_after_restore(decision, decider.facts(events, present, archived), found[1])
+                    found = next(restored, None)
                 counted.setdefault(id(decision), [decision, 0])[1] += 1
                 if decision.action in CHANGING:
                     dates = decider.dates(events) if decision.action == ANONYMISE else None
@@ -255,6 +261,13 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                 tally.add_forecast(rules, run.as_of, decision.upcoming, n)
     staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
+
+
+def _record_hashes(facts: Path, system: str, tables: set, key: bytes) -> Iterator[tuple[int, str, str]]:
+    """(ordinal in the facts file, table, record hash) of the rows of `tables`."""
+    for ordinal, (table, row) in enumerate(staging.read_rows(facts)):
+        if table in tables:
+            yield ordinal, table, audit_mod.record_hash(key, system, table, row[0])
 
 
 class _Decider:
