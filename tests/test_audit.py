@@ -374,6 +374,9 @@ def test_pipeline_role_cannot_change_the_trail(backend, request):
     try:
         with pipeline.begin() as conn:  # appending is allowed
             assert conn.execute(text("SELECT count(*) FROM retention_audit")).scalar() == 2
+        # The restore check of the next run, as the pipeline: temporary tables beside the trail.
+        removed = [(n, "fraud_alerts", e["record_hash"]) for n, e in enumerate(entries(backend))]
+        assert [n for n, _ in AuditStore(pipeline, create=False).prior_removals("crm", removed)] == [0, 1]
         for statement in ("UPDATE retention_audit SET reason = 'x'", "DELETE FROM retention_audit",
                           "TRUNCATE retention_audit", "DELETE FROM retention_audit_checkpoints"):
             with pytest.raises(DBAPIError, match="permission denied"):
