@@ -11,13 +11,12 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator
 from datetime import date, datetime, timedelta, timezone
-from itertools import islice
 
 from sqlalchemy import (BigInteger, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, and_,
                         delete, func, insert, inspect, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
-from . import chain
+from . import chain, staging
 from .connections import AUDIT_CONNECTION, make_engine, resolve_url, retention_home
 from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, dict_rows, one_of
 
@@ -378,8 +377,7 @@ class AuditStore:
         with self.engine.connect() as conn:
             metadata.create_all(conn)
             try:
-                rows = iter(records)
-                while part := list(islice(rows, page)):
+                for part in staging.chunks(records, page):
                     bulk_insert(conn, checked, [dict(ordinal=o, table_name=t, record_hash=h) for o, t, h in part])
                 if conn.dialect.name == "postgresql":
                     conn.execute(text(f"ANALYZE {checked.name}"))  # temporary tables are never auto-analysed
