@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/python -m retention.demo.run_demo
 
 test: install
+	.ci/system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The enforcement against hand-written SQL at scale (README, Performance); not part of `make test`.
