@@ -2,8 +2,7 @@
 
 from datetime import date
 
-from retention.decide import ARCHIVE, DELETE, KEEP, ONGOING, STRIP, EventValue, Facts, decide, event_value
-from retention.extract import _event_code
+from retention.decide import ARCHIVE, DELETE, KEEP, STRIP, EventValue, Facts, decide
 from retention.rules import load_rules
 from tests.conftest import RULES
 
@@ -16,17 +15,6 @@ SUBSCRIBERS = RULES_.systems["marketing"].tables["subscribers"]
 
 def facts(events, present=(), subject="C1", archived=False):
     return Facts(key=(1,), subject=subject, events=events, present=frozenset(present), archived=archived)
-
-
-def test_an_event_is_the_latest_of_its_items_unless_one_is_ongoing():
-    # An extracted row: the items' values, and for related items how many related rows lack a value.
-    row = (date(2020, 1, 1), "2021-01-01 10:00:00", None, 0, 2)
-    column, text, empty = (0, None, False), (1, None, False), (2, None, False)
-    assert event_value(_event_code(row, [column, text, empty])) == EventValue(date(2021, 1, 1))
-    assert _event_code(row, [column, (2, None, True)]) == ONGOING  # an empty column that means "still running"
-    assert _event_code(row, [column, (1, 3, True)]) == date(2021, 1, 1).toordinal()  # no related row without a value
-    assert _event_code(row, [column, (1, 4, True)]) == ONGOING  # a related row without one: an active contract
-    assert _event_code(row, [empty]) is None and event_value(None) == EventValue()
 
 
 def test_active_contract_keeps_everything():

@@ -1,8 +1,8 @@
-from datetime import date, datetime
+from datetime import date
 
 import pytest
 
-from retention.durations import DurationError, as_date, fiscal_year_close, parse_as_of, parse_duration, parse_month_day
+from retention.durations import DurationError, fiscal_year_close, parse_as_of, parse_duration, parse_month_day
 
 
 @pytest.mark.parametrize("text,start,last_day", [
@@ -38,8 +38,3 @@ def test_month_day_and_as_of_errors():
     with pytest.raises(DurationError, match="YYYY-MM-DD"):
         parse_as_of("27/11/2026")
 
-
-def test_as_date_normalises_driver_values():
-    assert as_date(datetime(2020, 1, 2, 23, 59)) == date(2020, 1, 2)
-    assert as_date("2020-01-02 10:00:00.000000") == date(2020, 1, 2)
-    assert as_date(None) is None

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime
+
+import pytest
+
+from retention.decide import EventValue, event_value
 from retention.demo.seed import seed
-from retention.extract import Extraction
-from retention.rules import load_rules
+from retention.extract import NOT_A_DATE, Extraction, NotADate
+from retention.rules import load_rules, used_events
 from retention.sources import Sources
-from tests.conftest import RULES, SYSTEMS
+from tests.conftest import RULES, SYSTEMS, run_retention
 
 
 def test_every_row_is_read_once_in_key_order_by_a_query_planned_for_all_of_them(backend):
@@ -31,3 +36,64 @@ def test_every_row_is_read_once_in_key_order_by_a_query_planned_for_all_of_them(
         sources.dispose()
     keys = [row[0] for row in rows]
     assert keys == sorted(keys) and len(set(keys)) == len(keys) == len(backend.rows("marketing", "email_events"))
+
+
+def test_events_are_computed_by_the_database_as_the_latest_of_their_items_unless_one_is_ongoing(backend):
+    """end_of_contract: the company's creation or its contracts' latest end, ongoing while a contract
+    has none; end_of_relationship also reads customer-initiated interactions (timestamps) and
+    accepted quotes of the CRM, and invoices copied over from accounting."""
+    company = dict(name="ACME", created_on=date(2019, 5, 6))
+    backend.insert("crm", "companies", *[dict(company, customer_number=n) for n in ("C1", "C2", "C3")])
+    backend.insert("crm", "contracts",
+                   dict(contract_id=1, customer_number="C1", started_on=date(2019, 6, 1), ended_on=date(2021, 3, 4)),
+                   dict(contract_id=2, customer_number="C2", started_on=date(2019, 6, 1), ended_on=date(2020, 1, 1)),
+                   dict(contract_id=3, customer_number="C2", started_on=date(2020, 6, 1), ended_on=None))
+    backend.insert("crm", "interactions",
+                   dict(interaction_id=1, customer_number="C1", occurred_at=datetime(2022, 5, 6, 23, 30),
+                        initiated_by="customer"),
+                   dict(interaction_id=2, customer_number="C1", occurred_at=datetime(2023, 1, 1, 9, 0),
+                        initiated_by="company"))  # not the customer's doing: ignored
+    backend.insert("crm", "quotes", dict(quote_id=1, customer_number="C3", issued_on=date(2018, 1, 1), status="accepted"))
+    backend.insert("accounting", "invoices", *[
+        dict(invoice_id=n, invoice_number=f"F{n}", customer_number="C3", issued_on=day, amount=10)
+        for n, day in enumerate([date(2024, 2, 29), date(2023, 1, 1)], 1)])
+    names, rows = _facts("crm", "companies")
+    assert {row[0][0]: {e: event_value(code) for e, code in zip(names, row[5])} for row in rows} == {
+        "C1": {"end_of_relationship": EventValue(date(2022, 5, 6)), "end_of_contract": EventValue(date(2021, 3, 4))},
+        "C2": {"end_of_relationship": EventValue(ongoing=True), "end_of_contract": EventValue(ongoing=True)},
+        "C3": {"end_of_relationship": EventValue(date(2024, 2, 29)), "end_of_contract": EventValue(date(2019, 5, 6))},
+    }
+
+
+def test_a_text_value_that_is_not_a_date_stops_the_run_before_any_change(backend):
+    """SQLite keeps dates as text, so a source can hold anything there: a clock that cannot be read
+    must not count as "never started" (that could delete a record kept by it). PostgreSQL refuses such
+    values in a date column already."""
+    if backend.kind != "sqlite":
+        return
+    backend.insert("crm", "companies", dict(customer_number="C1", name="ACME", created_on=date(2019, 5, 6)))
+    for bad in ("n/a", "2024-02-30"):
+        with backend.engines["crm"].begin() as conn:
+            conn.exec_driver_sql("UPDATE companies SET created_on = ?", (bad,))
+        _, (row,) = _facts("crm", "companies")
+        assert NOT_A_DATE in row[5]
+        before = _sources(backend)
+        with pytest.raises(NotADate, match=r"crm\.companies: a value of the event \w+ is not a date"):
+            run_retention(date(2030, 1, 1))
+        assert _sources(backend) == before
+
+
+def _facts(system: str, table: str) -> tuple[list[str], list[tuple]]:
+    """The table's used events, by name, and its extracted rows."""
+    rules = load_rules(RULES)
+    spec = rules.system(system).tables[table]
+    sources = Sources(rules)
+    try:
+        with Extraction(sources, system) as extraction:
+            return list(used_events(spec)), [row for batch in extraction.batches(spec) for row in batch]
+    finally:
+        sources.dispose()
+
+
+def _sources(backend) -> dict:
+    return {(system, table): rows for (system, table), rows in backend.snapshot().items() if system in SYSTEMS}

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from .connections import ConnectionProblem
 from .durations import DurationError, parse_as_of
+from .extract import NotADate
 from .audit import AuditKeyMissing
 from .guard import BlastRadiusExceeded
 from .holds import HoldNotFound
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionProblem as exc:
         err.print(f"[bold red]Database problem[/]; nothing was changed: {exc}", markup=True)
         return EXIT_DATABASE
-    except (UsageProblem, DurationError, HoldNotFound, AuditKeyMissing) as exc:
+    except (UsageProblem, DurationError, HoldNotFound, AuditKeyMissing, NotADate) as exc:
         err.print(f"[bold red]Error:[/] {exc}", markup=True)
         return EXIT_USAGE
     except BlastRadiusExceeded as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*(day|days|month|months|year|years)\s*$")
 MAX_YEARS = 100  # beyond this a duration is a typo, not a policy
@@ -80,19 +80,6 @@ def parse_month_day(text) -> tuple[int, int]:
     except ValueError:
         raise DurationError(f"{text!r} is not a month-day; write it as MM-DD, e.g. \"12-31\"") from None
     return month, day
-
-
-def as_date(value) -> date | None:
-    """Normalise what a driver returns for a date or timestamp column into a calendar date."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    if isinstance(value, str):
-        return date.fromisoformat(value[:10])
-    raise TypeError(f"expected a date, got {type(value).__name__}")
 
 
 def parse_as_of(text: str) -> date:

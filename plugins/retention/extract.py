@@ -12,21 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, select, union_all
+from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, or_, select, union_all
+from sqlalchemy.exc import CompileError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from .audit import identifier_hash
 from .decide import ONGOING
-from .durations import as_date
 from .rules import Related, TableSpec, used_events
 from .sources import Sources, bulk_insert
 
 DEFAULT_BATCH = 2000
 STAGED_PREFIX = "retention_related_"
+NOT_A_DATE = -1  # an event's code when its value is text that is not a date (SQLite stores dates as text)
 
 # One extracted row: (key, subject, archived, present, identifier_hashes, events), where `present` is
 # the tuple of strippable fields holding a value and `events` the code of each of the table's
-# used_events, in order: a day's ordinal, ONGOING, or None when it never happened.
+# used_events, in order: a day's ordinal, ONGOING, None when it never happened, or NOT_A_DATE.
 FactRow = tuple
+
+
+class NotADate(Exception):
+    """A source value an event reads is text that is not a calendar date: no clock can start from it."""
 
 
 def presence_label(field: str) -> str:
@@ -64,8 +71,7 @@ class Extraction:
         subject_at = at[spec.subject] if spec.subject else None
         present_at = [(f, at[presence_label(f)]) for f in spec.strip_fields]
         identifier_at = [(kind, at[f"__identifier__{kind}"]) for kind, _ in spec.identifiers] if key is not None else []
-        event_at = [[(at[value], None if flag is None else at[flag], ongoing) for value, flag, ongoing in items]
-                    for items in events]
+        event_at = [at[f"__event__{e}"] for e in range(len(events))]
         # One query per table, streamed: the database joins the aggregates once (hash joins), where
         # a query per key range would plan and probe them again for every batch. Every row is read:
         # PostgreSQL is told so, else it plans a cursor for its first tenth, with nested loops in key
@@ -78,15 +84,15 @@ class Extraction:
                 (tuple(row[i] for i in key_at), None if subject_at is None else row[subject_at], archived,
                  tuple(f for f, i in present_at if row[i]),
                  tuple(identifier_hash(key, kind, row[i]) for kind, i in identifier_at if row[i] is not None),
-                 tuple(_event_code(row, items) for items in event_at))
+                 tuple(row[i] for i in event_at))
                 for row in rows
             ]
         self.conn.commit()
 
     def _query(self, spec: TableSpec, table: Table):
-        """The batch query: the row's own columns, its lookups and event items joined from the
-        staged aggregates. Returns (query, primary key columns, per used event its items as
-        (value label, ongoing-flag label, ongoing_if_null))."""
+        """The batch query: the row's own columns, its lookups, and the code of each used event
+        computed by the database from the row's columns and the staged aggregates joined to it.
+        Returns (query, primary key columns, names of the used events)."""
         pk = [table.c[name] for name in spec.primary_key]
         columns = list(pk)
         joined = table
@@ -107,19 +113,25 @@ class Extraction:
             columns.append(lookups[name].label(name))
         if spec.subject and spec.subject not in lookups and spec.subject not in spec.primary_key:
             columns.append(table.c[spec.subject])
-        events = []
+        events = list(used_events(spec))
         for e, event in enumerate(used_events(spec).values()):
-            items = []
-            for i, item in enumerate(event.items):
-                value, flag = f"__event__{e}_{i}", f"__ongoing__{e}_{i}"
+            # The event is the latest of its items, unless one is ongoing: it has not happened yet. A
+            # column is ongoing when empty; a related item when any related row has it empty.
+            days, ongoing = [], []
+            for item in event.items:
                 if item.column:
-                    columns.append(table.c[item.column].label(value))
-                    items.append((value, None, item.ongoing_if_null))
+                    value = table.c[item.column]
+                    if item.ongoing_if_null:
+                        ongoing.append(value.is_(None))
                 else:
                     staged = related(item.related)
-                    columns += [staged.c.latest.label(value), staged.c.nulls.label(flag)]
-                    items.append((value, flag, item.related.ongoing_if_null))
-            events.append(items)
+                    value = staged.c.latest
+                    if item.related.ongoing_if_null:
+                        ongoing.append(staged.c.nulls > 0)
+                days.append(day_ordinal(value))
+            latest = days[0] if len(days) == 1 else latest_day(*days)
+            columns.append((case((or_(*ongoing), literal(ONGOING)), else_=latest) if ongoing else latest)
+                           .label(f"__event__{e}"))
         columns += [table.c[column].label(f"__identifier__{kind}") for kind, column in spec.identifiers]
         columns += [case((table.c[f].is_(None), literal(0)), else_=literal(1)).label(presence_label(f))
                     for f in spec.strip_fields]
@@ -161,14 +173,48 @@ class Extraction:
         return staged
 
 
-def _event_code(row, items: list) -> int | None:
-    """The event as the latest of its items; an ongoing item means it has not happened yet."""
-    days = []
-    for value, flag, ongoing_if_null in items:
-        found = row[value]
-        # A column is ongoing when empty; a related item when any related row has it empty.
-        if ongoing_if_null and (found is None if flag is None else bool(row[flag])):
-            return ONGOING
-        if found is not None:
-            days.append(as_date(found).toordinal())
-    return max(days) if days else None
+class day_ordinal(FunctionElement):
+    """A date's (or a timestamp's) day number, as Python's `date.toordinal()`, in SQL: an event's code
+    is computed where the rows are, not row by row in Python. NOT_A_DATE for text that is not one."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class latest_day(FunctionElement):
+    """The greatest of day ordinals, ignoring NULLs; NOT_A_DATE when one of them is."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(day_ordinal, "postgresql")
+def _day_ordinal_postgresql(element, compiler, **kw):
+    return f"(CAST({compiler.process(element.clauses, **kw)} AS DATE) - DATE '0001-01-01' + 1)"
+
+
+@compiles(day_ordinal, "sqlite")
+def _day_ordinal_sqlite(element, compiler, **kw):
+    # Text is read as the ISO date of its first ten characters, a valid calendar day or nothing
+    # (SQLite's julianday() rolls 2024-02-30 over to March: the day must come back unchanged).
+    day = f"substr({compiler.process(element.clauses, **kw)}, 1, 10)"
+    return (f"(CASE WHEN {day} IS NULL THEN NULL WHEN date(julianday({day})) IS NOT {day} THEN {NOT_A_DATE} "
+            f"ELSE CAST(julianday({day}) - 1721424.5 AS INTEGER) END)")
+
+
+@compiles(day_ordinal)
+def _day_ordinal_other(element, compiler, **kw):
+    raise CompileError(f"the retention engine computes event dates in SQL for PostgreSQL and SQLite, not for "
+                       f"{compiler.dialect.name}: keep the sources on one of those, or add a day_ordinal "
+                       f"for it in retention/extract.py")
+
+
+@compiles(latest_day, "postgresql")
+def _latest_day_postgresql(element, compiler, **kw):
+    return f"GREATEST({compiler.process(element.clauses, **kw)})"  # NULLs ignored
+
+
+@compiles(latest_day, "sqlite")
+def _latest_day_sqlite(element, compiler, **kw):
+    days = ", ".join(f"COALESCE({compiler.process(c, **kw)}, 0)" for c in element.clauses)
+    return f"(CASE WHEN MIN({days}) < 0 THEN {NOT_A_DATE} ELSE NULLIF(MAX({days}), 0) END)"

@@ -35,7 +35,7 @@ from . import staging
 from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Facts, decide, event_value,
                      reapply_after_restore)
 from .chain import read_published_heads, write_published_head
-from .extract import DEFAULT_BATCH, Extraction
+from .extract import DEFAULT_BATCH, NOT_A_DATE, Extraction, NotADate
 from .rules import Rules, SystemSpec, TableSpec, used_events
 from .run_lock import RunLock
 from .sources import Sources
@@ -293,6 +293,11 @@ class _Decider:
         return decision
 
     def facts(self, events: tuple, present: tuple, archived: bool) -> Facts:
+        if NOT_A_DATE in events:  # every signature is checked here before it is decided
+            name = self.names[events.index(NOT_A_DATE)]
+            raise NotADate(f"{self.table.system}.{self.table.name}: a value of the event {name} is not a date "
+                           f"(YYYY-MM-DD): fix it in the source, or read the event from another column in the "
+                           f"rules; nothing was changed")
         return Facts(key=(), events={n: event_value(c) for n, c in zip(self.names, events)},
                      present=frozenset(present), archived=archived)
 
