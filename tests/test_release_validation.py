@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from retention.generalise import PERSON, build_release, person_codes
-from retention.release_validation import validate
+from retention.release_validation import PATTERNS, validate
 from tests.test_generalise import records, spec
 
 
@@ -26,6 +26,9 @@ def test_a_clean_release_passes_every_check(built):
     assert {"output schema: declared columns only", "no e-mail", "no phone", "no IBAN", "no IPv4", "no IPv6",
             "no per-person token", "no person's key", "every group holds at least k=5 people",
             "every group shows at least l=2 values of had_claim"} <= names
+    # Every pattern is reported for every column, though checked at once while none matches.
+    assert {(f"no {label}", c) for label in PATTERNS for c in release.data.columns} <= {
+        (r["check"], r["column"]) for r in result.results}
 
 
 def test_a_keyed_hash_of_the_customer_id_is_rejected_as_pseudonymised(built):
@@ -50,8 +53,11 @@ def test_personal_values_anywhere_are_rejected(built, planted, check):
     frame, release = built
     data = release.data.copy()
     data.loc[0, "place"] = planted
-    failures = validate(data, release.profile, spec(), person_codes(frame[PERSON])).failures()
-    assert any(f.startswith(f"{check} on place") for f in failures), failures
+    result = validate(data, release.profile, spec(), person_codes(frame[PERSON]))
+    assert f"{check} on place (1 unexpected)" in result.failures()
+    # The check that matched is named, alone: the other patterns of the column still pass.
+    assert {r["check"] for r in result.results if r["column"] == "place" and not r["success"]} == {check}
+    assert {r["check"] for r in result.results if r["column"] == "place"} >= {f"no {label}" for label in PATTERNS}
 
 
 def test_small_or_homogeneous_groups_are_rejected(built):
