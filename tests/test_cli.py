@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -123,8 +122,8 @@ def test_no_personal_value_in_any_output(seeded, retention_home):
     assert "retention_releases" in statistics and any(t.startswith("stats_") for t in statistics)
     written += [json.dumps(r, default=str) for t in statistics for r in seeded.rows("statistics", t)]
     text = "\n".join(written)
-    pattern = re.compile("|".join(re.escape(v) for v in sorted(canaries, key=len, reverse=True)))
-    leaks = set(pattern.findall(text))
+    # One substring search per canary: an alternation of them all is a regex that takes ten times as long.
+    leaks = {v for v in canaries if v in text}
     assert not leaks, f"personal values leaked: {sorted(leaks)[:10]}"
     assert "delete" in text  # the scan read real outputs
 
