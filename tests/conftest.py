@@ -27,10 +27,13 @@ def postgres():
 
 
 @pytest.fixture(autouse=True)
-def retention_home(tmp_path, monkeypatch):
-    """Each test gets its own RETENTION_HOME, audit key and no stray connection variables."""
+def retention_home(tmp_path, monkeypatch, request):
+    """Each test gets its own RETENTION_HOME, audit key and no stray connection variables. Reports
+    are printed as PDF only in tests marked `report_pdf`: Chromium takes seconds per run."""
     home = tmp_path / "home"
     monkeypatch.setenv("RETENTION_HOME", str(home))
+    if request.node.get_closest_marker("report_pdf") is None:
+        monkeypatch.setenv("RETENTION_REPORT_PDF", "0")
     monkeypatch.setenv("RETENTION_AUDIT_KEY", "k" * 64)
     monkeypatch.setenv("RETENTION_RULES", str(RULES))
     for name in list(os.environ):

@@ -188,6 +188,7 @@ def deployment(tmp_path, retention_home):
         deployed.stop()
 
 
+@pytest.mark.report_pdf
 def test_nightly_run_spreads_over_two_celery_workers_and_does_what_the_cli_does(deployment, tmp_path,
                                                                                   retention_home):
     env = deployment.env("airflow-cli")  # `docker compose exec … airflow …`

@@ -103,6 +103,7 @@ def test_every_change_has_exactly_one_audit_entry_and_back(seeded):
     assert {a for *_, a in expected} == {"delete", "anonymise", "strip", "archive"}
 
 
+@pytest.mark.report_pdf
 def test_no_personal_value_in_any_output(seeded, retention_home):
     canaries = {v for v in personal_values({s: seeded.engines[s] for s in SYSTEMS}) if len(v) >= 5}
     assert len(canaries) > 500

@@ -47,6 +47,9 @@ def test_report_shows_the_run_with_counts_that_match_the_audit_store(backend, tm
     peaks = [s["peak_rss_mb"] for s in steps]
     assert peaks == sorted(peaks) and peaks[0] > 0 and all(s["duration"] >= 0 for s in steps)
     assert "peak memory so far (MB)" in html and f"<td>{peaks[-1]:,.0f}</td>" in html
+    # This test runs with RETENTION_REPORT_PDF=0 (conftest): no PDF, and the summary says why.
+    assert "pdf" not in summary["report"] and "RETENTION_REPORT_PDF is off" in summary["report"]["pdf_missing"]
+    assert not list(Path(summary["report"]["html"]).parent.glob("*.pdf"))
 
     out = tmp_path / "again"
     again = subprocess.run([sys.executable, "-m", "retention.cli", "report", "--run", summary["run_id"], "--out",

@@ -178,6 +178,7 @@ def test_retention_pages_in_airflow_for_signed_in_users_only(api_server, retenti
     assert (ARTIFACTS / "retention-report.png").stat().st_size > 10_000
 
 
+@pytest.mark.report_pdf
 def test_pdf_has_the_same_counts_as_the_html(retention_home):
     summary = _seed_and_run(retention_home)
     assert "pdf" in summary["report"], summary["report"]

@@ -323,6 +323,8 @@ def chromium() -> str | None:
 
 def print_pdf(html_path: Path, pdf_path: Path) -> str | None:
     """The same page as a PDF, charts included (they are inline SVG). Returns why not, or None."""
+    if os.environ.get("RETENTION_REPORT_PDF", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "not printed: RETENTION_REPORT_PDF is off"
     browser = chromium()
     if browser is None:
         return "no Chromium found: install Debian's chromium package or set RETENTION_CHROMIUM"
