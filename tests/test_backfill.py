@@ -1,5 +1,5 @@
 """A real backfill through Airflow's scheduler: `airflow backfill create` over two dates, each run
-acting as of its own date, never overlapping; the same range again changes nothing."""
+acting as of its own date, never overlapping; the earlier date again changes nothing."""
 
 from __future__ import annotations
 

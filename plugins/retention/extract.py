@@ -113,8 +113,8 @@ class Extraction:
             columns.append(lookups[name].label(name))
         if spec.subject and spec.subject not in lookups and spec.subject not in spec.primary_key:
             columns.append(table.c[spec.subject])
-        events = list(used_events(spec))
-        for e, event in enumerate(used_events(spec).values()):
+        used = used_events(spec)
+        for e, event in enumerate(used.values()):
             # The event is the latest of its items, unless one is ongoing: it has not happened yet. A
             # column is ongoing when empty; a related item when any related row has it empty.
             days, ongoing = [], []
@@ -135,7 +135,7 @@ class Extraction:
         columns += [table.c[column].label(f"__identifier__{kind}") for kind, column in spec.identifiers]
         columns += [case((table.c[f].is_(None), literal(0)), else_=literal(1)).label(presence_label(f))
                     for f in spec.strip_fields]
-        return select(*columns).select_from(joined), pk, events
+        return select(*columns).select_from(joined), pk, list(used)
 
     def _stage(self, rel: Related) -> Table:
         """{link value: latest value, count of NULL values} of a related table, over its live and

@@ -1,10 +1,11 @@
 """Validate a release with Great Expectations before anything is written or deleted.
 
-Two batches are checked in an ephemeral context: the release itself (its columns are exactly the
-declared schema; no value looks like an e-mail, phone number, IBAN, IP address or a per-person
-token; no value is a person's key; in a row-level release, no column tells rows apart) and the
-profile of its groups (every group holds k people and l distinct values of each sensitive
-attribute). Results keep counts only: the unexpected values themselves could be personal data.
+Two batches are checked in an ephemeral context (a third only names the pattern that matched in
+a column, when one did): the release itself (its columns are exactly the declared schema; no value
+looks like an e-mail, phone number, IBAN, IP address or a per-person token; no value is a person's
+key; in a row-level release, no column tells rows apart) and the profile of its groups (every group
+holds k people and l distinct values of each sensitive attribute). Results keep counts only: the
+unexpected values themselves could be personal data.
 """
 
 from __future__ import annotations
