@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 
 import pytest
+from sqlalchemy.exc import DataError
 
 from retention.decide import EventValue, event_value
 from retention.demo.seed import seed
@@ -67,11 +68,13 @@ def test_events_are_computed_by_the_database_as_the_latest_of_their_items_unless
 
 def test_a_text_value_that_is_not_a_date_stops_the_run_before_any_change(backend):
     """SQLite keeps dates as text, so a source can hold anything there: a clock that cannot be read
-    must not count as "never started" (that could delete a record kept by it). PostgreSQL refuses such
-    values in a date column already."""
-    if backend.kind != "sqlite":
-        return
+    must not count as "never started" (that could delete a record kept by it). PostgreSQL's date
+    column refuses such a value in the first place."""
     backend.insert("crm", "companies", dict(customer_number="C1", name="ACME", created_on=date(2019, 5, 6)))
+    if backend.kind == "postgresql":
+        with pytest.raises(DataError), backend.engines["crm"].begin() as conn:
+            conn.exec_driver_sql("UPDATE companies SET created_on = 'n/a'")
+        return
     for bad in ("n/a", "2024-02-30"):
         with backend.engines["crm"].begin() as conn:
             conn.exec_driver_sql("UPDATE companies SET created_on = ?", (bad,))
