@@ -46,7 +46,7 @@ def sql(backend, *statements):
 
 
 def entries(backend) -> list[dict]:
-    return list(AuditStore.open(create=False).entries_in_order())
+    return [dict(zip(chain.STORED_FIELDS, row)) for row in AuditStore.open(create=False).entries_in_order()]
 
 
 def insert_entries(backend, rows: list[dict], replace_all: bool = False) -> None:

@@ -7,11 +7,13 @@ chain is caught by the published heads, and checkpoints are HMAC-signed with the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from json.encoder import c_make_encoder, encode_basestring_ascii
 from operator import itemgetter
 from pathlib import Path
 
@@ -19,25 +21,37 @@ from .sources import AUDIT_COLUMNS
 
 GENESIS = "0" * 64
 CHAINED_FIELDS = tuple(name for name, _ in AUDIT_COLUMNS) + ("seq", "prev_hash")
+STORED_FIELDS = CHAINED_FIELDS + ("entry_hash",)  # an entry as `verify` reads it
 
 
 def _plain(value):
     """How a field that JSON has no type for is written: dates in ISO form, anything else as text."""
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="microseconds")
-    if isinstance(value, date):
-        return value.isoformat()
+    if isinstance(value, date):  # a datetime is a date too
+        return _iso(value)
     return str(value)
 
 
-# Built once: every entry of every run is linked, and verified, through it.
+@functools.lru_cache(maxsize=1024)
+def _iso(value: date) -> str:
+    # A run's entries share their as-of date, and a batch's its recording time: written once each.
+    return value.isoformat(sep=" ", timespec="microseconds") if isinstance(value, datetime) else value.isoformat()
+
+
+# Built once: every entry of every run is linked, and verified, through them. json's C encoder is
+# made here rather than by JSONEncoder.encode, which makes a new one per call (a third of the cost of
+# a link); the text is json.dumps(values, separators=(",", ":"), default=_plain)'s.
 _fields = itemgetter(*CHAINED_FIELDS)
-_canonical = json.JSONEncoder(separators=(",", ":"), default=_plain).encode
+_SEQ, _PREV = CHAINED_FIELDS.index("seq"), CHAINED_FIELDS.index("prev_hash")
+_encode = c_make_encoder(None, _plain, encode_basestring_ascii, None, ":", ",", False, False, True)
 
 
 def link(prev_hash: str, entry: dict) -> str:
     """The hash of an entry: over the previous hash and every field, in a fixed order."""
-    return hashlib.sha256((prev_hash + _canonical(_fields(entry))).encode()).hexdigest()
+    return _link(prev_hash, _fields(entry))
+
+
+def _link(prev_hash: str, values: tuple) -> str:
+    return hashlib.sha256((prev_hash + "".join(_encode(values, 0))).encode()).hexdigest()
 
 
 def chain(entries: list[dict], seq: int, prev_hash: str) -> tuple[int, str]:
@@ -89,9 +103,9 @@ class Verification:
     def scope(self) -> str:
         return "full" if self.from_run is None else "incremental"
 
-    def fail(self, message: str, entry: dict | None = None) -> None:
-        if entry is not None and self.first_bad is None:
-            self.first_bad = {"seq": entry.get("seq"), "entry_id": entry.get("entry_id")}
+    def fail(self, message: str, row: tuple | None = None) -> None:
+        if row is not None and self.first_bad is None:
+            self.first_bad = {"seq": row[_SEQ], "entry_id": row[0]}
         self.problems.append(message)
 
     def to_json(self) -> dict:
@@ -102,7 +116,8 @@ class Verification:
 
 def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: list[dict],
            keys: dict, start: dict | None = None) -> Verification:
-    """Check a trail. `rows` are the entries ordered by seq (from `start` on, when given); `checkpoint`
+    """Check a trail. `rows` are the entries ordered by seq (from `start` on, when given), each a
+    tuple of its STORED_FIELDS (millions of them: no dict per entry); `checkpoint`
     the latest pruning checkpoint; `stored_head` (seq, hash) as the store says; `keys` maps key ids
     to HMAC keys. `start`, a published head, verifies only the entries after it: the first of them
     must follow the published hash, so a rewrite of anything before it is caught too; an entry
@@ -127,17 +142,17 @@ def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: 
     by_seq: dict[int, str] = {seq: prev}
     for row in rows:
         result.entries += 1
-        if row["seq"] != seq + 1:
-            what = "missing (deleted)" if row["seq"] > seq + 1 else "repeated or out of order (inserted or moved)"
-            result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): expected seq {seq + 1}; "
-                        f"entries are {what}", row)
-        elif row["prev_hash"] != prev:
-            result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): does not follow the previous "
+        row_seq, entry_hash = row[_SEQ], row[-1]
+        if row_seq != seq + 1:
+            what = "missing (deleted)" if row_seq > seq + 1 else "repeated or out of order (inserted or moved)"
+            result.fail(f"entry seq {row_seq} (entry_id {row[0]}): expected seq {seq + 1}; entries are {what}", row)
+        elif row[_PREV] != prev:
+            result.fail(f"entry seq {row_seq} (entry_id {row[0]}): does not follow the previous "
                         "entry (an entry was inserted, deleted or moved before it)", row)
-        elif link(prev, row) != row["entry_hash"]:
-            result.fail(f"entry seq {row['seq']} (entry_id {row['entry_id']}): its content does not match "
+        elif _link(prev, row[:-1]) != entry_hash:
+            result.fail(f"entry seq {row_seq} (entry_id {row[0]}): its content does not match "
                         "its hash (a field was changed)", row)
-        seq, prev = row["seq"], row["entry_hash"]
+        seq, prev = row_seq, entry_hash
         if seq in wanted:
             by_seq[seq] = prev
         if result.problems:
