@@ -109,9 +109,9 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
                 statement = delete(live).where(condition).returning(*pk)
             else:
                 raise ValueError(f"action {action!r} does not change a source row")
-            changed = {tuple(row) for row in conn.execute(statement)}
+            changed = set(conn.execute(statement).all())  # rows hash and compare as tuples of their values
             for planned in group:
-                if tuple(planned.key) in changed:
+                if planned.key in changed:
                     if planned.subject not in subjects:
                         subjects[planned.subject] = audit.subject_hash(run.key, planned.subject)
                     entries.append(_entry(spec, planned, run, recorded_at, subjects[planned.subject]))

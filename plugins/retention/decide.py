@@ -146,10 +146,11 @@ def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | N
     return Decision(action, (last.rule,), reason, suppress=suppress)
 
 
-def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None) -> Decision:
+def reapply_after_restore(decision: Decision, present, prior: tuple | None) -> Decision:
     """A row the audit trail says was deleted, stripped or archived is back in place: a source was
     restored from a backup. Removal is final, so the same action is applied again and marked as
-    such; a legal hold still wins (the row is then archived, as the decision says)."""
+    such; a legal hold still wins (the row is then archived, as the decision says). `present`: the
+    row's strippable fields that hold a value."""
     if prior is None:
         return decision
     action, fields, as_of, run_id = prior
@@ -161,7 +162,7 @@ def reapply_after_restore(decision: Decision, facts: Facts, prior: tuple | None)
         return replace(decision, action=DELETE, reason=origin, fields=(), replayed=True)
     if decision.action in REMOVING:
         return decision  # the record's own end has come since it was stripped
-    lost = tuple(f for f in (fields or "").split(",") if f and f in facts.present)
+    lost = tuple(f for f in (fields or "").split(",") if f and f in present)
     if not lost:
         return decision
     merged = tuple(dict.fromkeys((decision.fields if decision.action == STRIP else ()) + lost))

@@ -246,7 +246,7 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                         decision = decider(events, present, archived, held_because)
                 ordinal += 1
                 if found is not None and found[0] == ordinal:
-                    decision = reapply_after_restore(decision, decider.facts(events, present, archived), found[1])
+                    decision = reapply_after_restore(decision, present, found[1])
                     found = next(restored, None)
                 counted.setdefault(id(decision), [decision, 0])[1] += 1
                 if decision.action in CHANGING:
