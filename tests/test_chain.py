@@ -31,7 +31,9 @@ def expected_link(prev_hash: str, values: dict) -> str:
 
 
 def test_a_link_is_sha256_over_the_previous_hash_and_the_fields_as_compact_json():
-    assert chain.CHAINED_FIELDS[-2:] == ("seq", "prev_hash")
+    assert chain.CHAINED_FIELDS == (  # the order the README documents
+        "entry_id", "run_id", "as_of", "system", "table_name", "record_hash", "subject_hash", "action", "rules",
+        "purposes", "fields", "reason", "recorded_at", "identifier_hashes", "key_id", "replayed", "seq", "prev_hash")
     for values in (entry(), entry(subject_hash="e" * 64, fields=None, recorded_at=datetime(2026, 6, 2)),
                    entry(as_of=date(2019, 12, 31), replayed=1, reason="")):
         assert chain.link("d" * 64, values) == expected_link("d" * 64, values)
