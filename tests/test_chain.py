@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 
 from retention import chain
 
@@ -36,6 +36,14 @@ def test_a_link_is_sha256_over_the_previous_hash_and_the_fields_as_compact_json(
         "purposes", "fields", "reason", "recorded_at", "identifier_hashes", "key_id", "replayed", "seq", "prev_hash")
     for values in (entry(), entry(subject_hash="e" * 64, fields=None, recorded_at=datetime(2026, 6, 2)),
                    entry(as_of=date(2019, 12, 31), replayed=1, reason="")):
+        assert chain.link("d" * 64, values) == expected_link("d" * 64, values)
+
+
+def test_times_equal_as_instants_but_written_with_other_offsets_keep_their_own_text():
+    utc = datetime(2026, 6, 2, 1, 0, tzinfo=timezone.utc)
+    paris = utc.astimezone(timezone(timedelta(hours=2)))
+    assert utc == paris
+    for values in (entry(recorded_at=utc), entry(recorded_at=paris)):
         assert chain.link("d" * 64, values) == expected_link("d" * 64, values)
 
 

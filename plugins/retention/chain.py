@@ -27,13 +27,14 @@ STORED_FIELDS = CHAINED_FIELDS + ("entry_hash",)  # an entry as `verify` reads i
 def _plain(value):
     """How a field that JSON has no type for is written: dates in ISO form, anything else as text."""
     if isinstance(value, date):  # a datetime is a date too
-        return _iso(value)
+        return _iso(value, getattr(value, "tzinfo", None))
     return str(value)
 
 
 @functools.lru_cache(maxsize=1024)
-def _iso(value: date) -> str:
+def _iso(value: date, _zone) -> str:
     # A run's entries share their as-of date, and a batch's its recording time: written once each.
+    # Keyed by zone too: times with other offsets are equal as instants but not written the same.
     return value.isoformat(sep=" ", timespec="microseconds") if isinstance(value, datetime) else value.isoformat()
 
 
