@@ -155,6 +155,15 @@ _EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+def _maybe_removed(records: list[tuple], digests) -> list[tuple]:
+    """The (ordinal, table, record hash) records whose hash starts as one of the sorted `digests`."""
+    import numpy as np
+
+    prefixes = np.fromiter((int(h[:16], 16) for _, _, h in records), dtype=np.uint64, count=len(records))
+    at = np.minimum(np.searchsorted(digests, prefixes), len(digests) - 1)
+    return [records[i] for i in np.flatnonzero(digests[at] == prefixes).tolist()]
+
+
 def now() -> datetime:
     """Wall-clock time of recording: metadata only, never an input to a decision."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -199,6 +208,7 @@ class AuditStore:
             Column("summary", Text),
         )
         self.exists = inspect(engine).has_table(AUDIT_TABLE)
+        self._digests: dict = {}  # system -> (chain head seq, removal digests), see _removal_digests
         if create and not self.exists:
             metadata.create_all(engine)
             try:
@@ -380,6 +390,9 @@ class AuditStore:
         as many as the records removed."""
         if not self.exists:
             return
+        digests = self._removal_digests(system)
+        if not len(digests):
+            return
         metadata = MetaData()
         checked = Table("retention_checked_records", metadata, Column("ordinal", BigInteger, primary_key=True),
                         Column("table_name", String(128), nullable=False),
@@ -391,7 +404,8 @@ class AuditStore:
             metadata.create_all(conn)
             try:
                 for part in staging.chunks(records, page):
-                    bulk_insert(conn, checked, [dict(ordinal=o, table_name=t, record_hash=h) for o, t, h in part])
+                    bulk_insert(conn, checked, [dict(ordinal=o, table_name=t, record_hash=h)
+                                                for o, t, h in _maybe_removed(part, digests)])
                 if conn.dialect.name == "postgresql":
                     conn.execute(text(f"ANALYZE {checked.name}"))  # temporary tables are never auto-analysed
                 latest = (select(checked.c.ordinal, func.max(e.c.seq))
@@ -414,6 +428,31 @@ class AuditStore:
                 conn.rollback()
                 metadata.drop_all(conn)
                 conn.commit()
+
+    def _removal_digests(self, system: str):
+        """The first 64 bits of the record hash of each removal of the system, sorted: the records
+        checked are sent to the store's join only when theirs is among them. Every record of every
+        table is checked each night; sending all their hashes over took most of the check."""
+        import numpy as np
+
+        head = self.chain_head()[0]
+        if self._digests.get(system, (None,))[0] == head:
+            return self._digests[system][1]
+        e = self.entries
+        # Up to the head read: entries appended meanwhile are not in the count.
+        removals = and_(e.c.system == system, e.c.action.in_(REMOVALS), e.c.seq <= head, e.c.record_hash.is_not(None))
+        with self.engine.connect() as conn:
+            digests = np.empty(conn.scalar(select(func.count()).where(removals)), dtype=np.uint64)
+            result = conn.execute(select(e.c.record_hash).where(removals),
+                                  execution_options={"stream_results": True, "yield_per": 50_000})
+            filled = 0
+            for rows in result.partitions():  # filled in place: a copy of millions would double the memory
+                digests[filled:filled + len(rows)] = [int(h[:16], 16) for h, in rows]
+                filled += len(rows)
+        digests = digests[:filled]
+        digests.sort()
+        self._digests[system] = (head, digests)
+        return digests
 
     def lookup(self, subject_hashes: list[str], identifier_hashes: list[str]) -> list[dict]:
         """Entries about a person, found by the keyed hashes of what they told us."""
