@@ -19,7 +19,7 @@ from retention.chain import read_published_heads
 from retention.demo.schema import METADATA
 from retention.demo.seed import seed
 from tests.conftest import SYSTEMS, run_retention
-from tests.test_policy_boundaries import D
+from tests.test_policy_boundaries import D, company, contract, exists
 
 AS_OF = "2026-11-27"
 
@@ -350,6 +350,31 @@ def test_restored_backup_is_cleaned_again(backend):
     assert len(replayed) == changed and all("re-applied after restore" in r["reason"] for r in replayed)
     overrides = len(second["guard"]["violations"])  # the restored backlog needs force again, recorded
     assert len(backend.rows("audit", "retention_audit")) == first_entries + changed + overrides
+
+
+@pytest.mark.parametrize("removal", ["delete", "strip"])
+def test_a_record_restored_from_a_backup_older_than_its_end_is_removed_again(backend, removal):
+    """A night reads only the rows whose decision changes something. A record, or its bank details,
+    restored from a backup taken while its contract still ran would be kept by its own decision:
+    it is found all the same, by its key and filled fields, and removed again (removal is final);
+    a customer whose contract runs stays as it is."""
+    ended = {"delete": date(2015, 1, 1), "strip": date(2019, 6, 1)}[removal]  # relationship: 3 more years
+    for number in ("R1", "R2"):
+        company(backend, number, "2010-01-01", iban="FR7630006000011234567890189", bic="AGRIFRPP")
+        contract(backend, int(number[1]), number, "2010-01-01")
+    backup = _backup(backend)
+    with backend.engines["crm"].begin() as conn:
+        conn.execute(text("UPDATE contracts SET ended_on = :day WHERE contract_id = 1"), {"day": ended})
+    run_retention("2020-01-01", systems=["crm"], force=True)
+    _restore(backend, backup)
+    second = run_retention("2020-01-02", systems=["crm"], force=True)
+    r1, r2 = (backend.row("crm", "companies", "customer_number", n) for n in ("R1", "R2"))
+    if removal == "delete":
+        assert r1 is None
+    else:
+        assert (r1["iban"], r1["bic"]) == (None, None)
+    assert r2["iban"] is not None
+    assert second["reapplied_after_restore"] >= 1
 
 
 def test_pipeline_role_cannot_change_the_trail(backend, request):

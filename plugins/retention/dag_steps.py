@@ -113,7 +113,7 @@ def _skip_unless_selected(run: Run, system: str) -> None:
 
 
 def extract(context, system: str) -> int:
-    from .audit import audit_key
+    from .audit import AuditStore, audit_key
     from .pipeline import extract_system
     from .rules import load_rules
     from .sources import Sources
@@ -123,7 +123,8 @@ def extract(context, system: str) -> int:
     rules = load_rules()
     sources = Sources(rules, use_airflow=True)
     try:
-        return extract_system(rules, sources, run, system, audit_key(use_airflow=True))
+        return extract_system(rules, sources, run, system, audit_key(use_airflow=True),
+                              store=AuditStore.open(use_airflow=True, create=False))
     finally:
         sources.dispose()
 

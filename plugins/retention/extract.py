@@ -6,11 +6,16 @@ a subscriber...) is aggregated once per run, in SQL, into a temporary table of t
 batches (keyset pagination), each batch one query joining those aggregates, so the database does the
 lookups, and memory stays bounded by the batch size whatever the table size. Facts are plain tuples
 (see `FactRow`): a first run extracts millions of them.
+
+A row's decision depends only on its signature: the codes of its events and which of its strippable
+fields are filled (its archive state and legal hold aside). On a night when a few rows change among
+millions, the database counts the rows of each signature, and only the rows of signatures the
+caller wants (those whose decision changes something) are read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, or_, select, union_all
 from sqlalchemy.exc import CompileError
@@ -25,11 +30,14 @@ from .sources import Sources, bulk_insert
 DEFAULT_BATCH = 2000
 STAGED_PREFIX = "retention_related_"
 NOT_A_DATE = -1  # an event's code when its value is text that is not a date (SQLite stores dates as text)
+NEVER = -2  # an event that never happened, in a signature matched by equality (NULL equals nothing)
 
 # One extracted row: (key, subject, archived, present, identifier_hashes, events), where `present` is
 # the tuple of strippable fields holding a value and `events` the code of each of the table's
 # used_events, in order: a day's ordinal, ONGOING, None when it never happened, or NOT_A_DATE.
 FactRow = tuple
+# Whether to read the rows of a signature: (events, present, rows with it) -> bool.
+Wanted = Callable[[tuple, tuple, int], bool]
 
 
 class NotADate(Exception):
@@ -48,6 +56,7 @@ class Extraction:
         self.sources, self.system = sources, system
         self.metadata = MetaData()
         self.staged: dict[Related, Table] = {}
+        self.wanted: list[Table] = []  # signatures whose rows were read, one temporary table per query
 
     def __enter__(self) -> "Extraction":
         self.conn = self.sources.engine(self.system).connect()
@@ -57,14 +66,21 @@ class Extraction:
         self.conn.close()
 
     def batches(self, spec: TableSpec, batch_size: int = DEFAULT_BATCH, archived: bool = False,
-                key: bytes | None = None) -> Iterator[list[FactRow]]:
+                key: bytes | None = None, wanted: Wanted | None = None) -> Iterator[list[FactRow]]:
         """Facts for every row of the table (or of its archive), one batch at a time, in key order.
-        Identifier columns (e-mail...) are read only to be hashed with `key` at once."""
-        table = (self.sources.archive(spec.system, spec.name) if archived
-                 else self.sources.table(spec.system, spec.name))
+        Identifier columns (e-mail...) are read only to be hashed with `key` at once. With `wanted`,
+        only the rows of the signatures it accepts, the counts and the rows taken from one snapshot."""
+        table = self._table(spec, archived)
         if table is None:
             return
         query, pk, events = self._query(spec, table)
+        if wanted is not None:
+            if self.conn.dialect.name == "postgresql":  # the counts and the rows read agree
+                self.conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            query, pk = self._only(query, spec, len(events), wanted)
+            if query is None:
+                self.conn.commit()
+                return
         query = query.order_by(*pk)
         at = {name: i for i, name in enumerate(query.selected_columns.keys())}
         key_at = [at[c.name] for c in pk]
@@ -88,6 +104,57 @@ class Extraction:
                 for row in rows
             ]
         self.conn.commit()
+
+    def keys(self, spec: TableSpec, archived: bool = False, batch_size: int = 20_000) -> Iterator[list[tuple]]:
+        """(primary key, filled) of every row of the table (or of its archive), a batch at a time,
+        where bit i of `filled` says whether the strippable field spec.strip_fields[i] holds a value."""
+        table = self._table(spec, archived)
+        if table is None:
+            return
+        pk = [table.c[name] for name in spec.primary_key]
+        filled = sum((case((table.c[f].is_(None), 0), else_=1 << i) for i, f in enumerate(spec.strip_fields)),
+                     literal(0))
+        result = self.conn.execute(select(*pk, filled), execution_options={"stream_results": True, "yield_per": batch_size})
+        width = len(pk)
+        for rows in result.partitions():
+            yield [(tuple(row[:width]), row[width]) for row in rows]
+        self.conn.commit()
+
+    def _table(self, spec: TableSpec, archived: bool) -> Table | None:
+        return self.sources.archive(spec.system, spec.name) if archived else self.sources.table(spec.system, spec.name)
+
+    def _only(self, query, spec: TableSpec, events: int, wanted: Wanted):
+        """The batch query restricted to the signatures `wanted` accepts, or None when it accepts
+        none, with the primary key columns to order it by. The signatures and their counts come from
+        one GROUP BY of the same query; the accepted ones go to a temporary table joined to it."""
+        rows = query.subquery()
+        pk = [rows.c[name] for name in spec.primary_key]
+        signature = ([rows.c[f"__event__{e}"] for e in range(events)]
+                     + [rows.c[presence_label(f)] for f in spec.strip_fields])
+        grouped = self.conn.execute(select(*signature, func.count()).group_by(*signature))
+        accepted, rejected = [], False
+        for *codes, count in grouped:
+            if count == 0:  # the one group of a signature without columns, over no rows
+                continue
+            present = tuple(f for f, filled in zip(spec.strip_fields, codes[events:]) if filled)
+            if wanted(tuple(codes[:events]), present, count):
+                accepted.append([NEVER if code is None else code for code in codes])
+            else:
+                rejected = True
+        if not accepted:
+            return None, pk
+        if not rejected:
+            return select(*rows.c), pk
+        needed = Table(f"retention_wanted_{len(self.wanted)}", self.metadata,
+                       *[Column(f"s{i}", Integer, nullable=False) for i in range(len(signature))],
+                       prefixes=["TEMPORARY"])
+        self.wanted.append(needed)
+        needed.create(self.conn)
+        bulk_insert(self.conn, needed, [{f"s{i}": code for i, code in enumerate(codes)} for codes in accepted])
+        if self.conn.dialect.name == "postgresql":
+            self.conn.exec_driver_sql(f"ANALYZE {needed.name}")
+        match = and_(*[func.coalesce(column, NEVER) == needed.c[f"s{i}"] for i, column in enumerate(signature)])
+        return select(*rows.c).select_from(rows.join(needed, match)), pk
 
     def _query(self, spec: TableSpec, table: Table):
         """The batch query: the row's own columns, its lookups, and the code of each used event

@@ -16,9 +16,11 @@ import re
 import resource
 import shutil
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -88,19 +90,92 @@ def read_holds(run: Run) -> dict:
 
 
 def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: bytes,
-                   progress: Progress | None = None) -> int:
-    """Write the facts of every mapped row (live and archived) of one system. Returns rows read."""
-    total = 0
-    with Extraction(sources, system) as extraction, staging.BatchWriter(_staging(run, system, "facts")) as out:
+                   progress: Progress | None = None, store: audit_mod.AuditStore | None = None) -> int:
+    """Write the facts of the mapped rows (live and archived) of one system. Returns rows examined.
+
+    In a table the trail shows an earlier run acted on (the nightly case: a few changes among
+    millions of rows), the rows whose decision is to keep them as they are are not read, only counted
+    per signature into the `kept` file, for the decide step's tally. Unless a record the trail says
+    was removed is in the table again (a restored backup): then every row is read, for the decide
+    step to find it."""
+    removed = store.removed_tables(system) if store is not None else set()
+    examined = 0
+    with (Extraction(sources, system) as extraction,
+          staging.BatchWriter(_staging(run, system, "facts")) as out,
+          staging.BatchWriter(_staging(run, system, "kept")) as kept_out):
         for spec in deletion_order(sources, rules.system(system)):
+            decider = _Decider(spec, run.as_of, rules.settings)
             for archived in (False, True):
-                for batch in extraction.batches(spec, run.batch_size, archived=archived, key=key):
+                kept = None
+                if spec.name in removed and not _restored(extraction, store, spec, archived, key):
+                    kept = _Kept(kept_out, decider, archived)
+                for batch in extraction.batches(spec, run.batch_size, archived=archived, key=key, wanted=kept):
                     out.write(spec.name, batch)
-                    total += len(batch)
+                    examined += len(batch)
                     if progress:
                         progress(system, spec.name, len(batch))
-    log.info("extracted %d rows from %s", total, system)
-    return total
+                if kept is not None:
+                    kept.flush()
+                    examined += kept.rows
+                    if progress and kept.rows:
+                        progress(system, spec.name, kept.rows)
+    log.info("examined %d rows of %s", examined, system)
+    return examined
+
+
+def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSpec, archived: bool,
+              key: bytes) -> bool:
+    """Whether a record the trail says was removed is back in the table (or its archive): present
+    after its deletion, or with a field it was stripped of filled again. (A stripped row is in the
+    trail and in the table: only the fields tell. An archived one is not removed again: the
+    decision in force stands, `reapply_after_restore`.)"""
+    filled = array("B" if len(spec.strip_fields) <= 8 else "Q")  # per row: bit i when strip_fields[i] has a value
+
+    def records():
+        for batch in extraction.keys(spec, archived):
+            for row_key, fields in batch:
+                filled.append(fields)
+                yield len(filled) - 1, spec.name, audit_mod.record_hash(key, spec.system, spec.name, row_key)
+
+    with closing(store.prior_removals(spec.system, records())) as found:
+        for ordinal, (action, fields, _as_of, _run_id) in found:
+            if action == "strip":
+                stripped = {f for f in (fields or "").split(",") if f}
+                if any(filled[ordinal] >> i & 1 for i, f in enumerate(spec.strip_fields) if f in stripped):
+                    return True
+            elif action != "archive":
+                return True
+    return False
+
+
+class _Kept:
+    """The signature filter of a table (an extract.Wanted): a signature's rows are read unless they
+    are kept as they are; the decision and count of those go to the `kept` file instead, a few
+    thousand at a time (the decision, because the tally needs it and taking it again would cost
+    what not reading saved). A hold only ever turns a change into a smaller one or into keeping,
+    so a row kept without one is kept with one: holds are looked up in decide, for the rows read.
+    Report-only rules' would-be actions depend on holds: those rows are read too."""
+
+    FLUSH = 5000
+
+    def __init__(self, out: staging.BatchWriter, decider: "_Decider", archived: bool):
+        self.out, self.decider, self.archived = out, decider, archived
+        self.pending: list = []
+        self.rows = 0
+
+    def __call__(self, events: tuple, present: tuple, rows: int) -> bool:
+        decision = self.decider(events, present, self.archived, None)
+        if decision.action != KEEP or decision.report_only_rules:
+            return True
+        self.pending.append((decision, rows))
+        self.rows += rows
+        if len(self.pending) >= self.FLUSH:
+            self.flush()
+        return False
+
+    def flush(self) -> None:
+        self.out.write(self.decider.table.name, self.pending)
+        self.pending = []
 
 
 def deletion_order(sources: Sources, system: SystemSpec) -> list[TableSpec]:
@@ -255,12 +330,19 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                                            decision.fields, identifiers, decision.replayed, decision.suppress, dates))
             out.write(table_name, planned)
             for decision, n in counted.values():
-                tally.add(system, table_name, decision.rules, decision.action, decision.reason, decision.replayed, n)
-                for rule in decision.report_only_rules:
-                    tally.report_only[(system, table_name, rule, decision.would)] += n
-                tally.add_forecast(rules, run.as_of, decision.upcoming, n)
+                _count(tally, rules, run, system, table_name, decision, n)
+    for table_name, signatures in staging.read_batches(_staging(run, system, "kept")):
+        for decision, n in signatures:
+            _count(tally, rules, run, system, table_name, decision, n)
     staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
+
+
+def _count(tally: Tally, rules: Rules, run: Run, system: str, table: str, decision, n: int) -> None:
+    tally.add(system, table, decision.rules, decision.action, decision.reason, decision.replayed, n)
+    for rule in decision.report_only_rules:
+        tally.report_only[(system, table, rule, decision.would)] += n
+    tally.add_forecast(rules, run.as_of, decision.upcoming, n)
 
 
 def _record_hashes(facts: Path, system: str, tables: set, key: bytes) -> Iterator[tuple[int, str, str]]:
@@ -676,7 +758,7 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
         held = read_holds(run)
         known = audit_mod.AuditStore.open(use_airflow, create=False)
         for system in run.systems:
-            step(f"{system}.extract", extract_system, rules, sources, run, system, key, progress)
+            step(f"{system}.extract", extract_system, rules, sources, run, system, key, progress, known)
             step(f"{system}.decide", decide_system, rules, run, system, held, key, known)
             step(f"{system}.anonymise", anonymise_system, rules, sources, run, system)
         step("blast_radius_guard", guard_run, rules, run, key, use_airflow)
