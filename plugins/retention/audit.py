@@ -208,7 +208,7 @@ class AuditStore:
             Column("summary", Text),
         )
         self.exists = inspect(engine).has_table(AUDIT_TABLE)
-        self._digests: dict = {}  # system -> (chain head seq, removal digests), see _removal_digests
+        self._digests: tuple = (None, None, None)  # (system, chain head seq, digests): _removal_digests
         if create and not self.exists:
             metadata.create_all(engine)
             try:
@@ -436,8 +436,9 @@ class AuditStore:
         import numpy as np
 
         head = self.chain_head()[0]
-        if self._digests.get(system, (None,))[0] == head:
-            return self._digests[system][1]
+        if self._digests[:2] == (system, head):
+            return self._digests[2]
+        self._digests = (None, None, None)  # one system's at a time: millions of entries each
         e = self.entries
         # Up to the head read: entries appended meanwhile are not in the count.
         removals = and_(e.c.system == system, e.c.action.in_(REMOVALS), e.c.seq <= head, e.c.record_hash.is_not(None))
@@ -451,7 +452,7 @@ class AuditStore:
                 filled += len(rows)
         digests = digests[:filled]
         digests.sort()
-        self._digests[system] = (head, digests)
+        self._digests = (system, head, digests)
         return digests
 
     def lookup(self, subject_hashes: list[str], identifier_hashes: list[str]) -> list[dict]:

@@ -131,9 +131,10 @@ class Extraction:
         pk = [rows.c[name] for name in spec.primary_key]
         signature = ([rows.c[f"__event__{e}"] for e in range(events)]
                      + [rows.c[presence_label(f)] for f in spec.strip_fields])
-        grouped = self.conn.execute(select(*signature, func.count()).group_by(*signature))
+        grouped = self.conn.execute(select(*signature, func.count()).group_by(*signature),
+                                    execution_options={"stream_results": True, "yield_per": 20_000})
         accepted, rejected = [], False
-        for *codes, count in grouped:
+        for *codes, count in grouped:  # a table's signatures are counted by the hundred thousand
             if count == 0:  # the one group of a signature without columns, over no rows
                 continue
             present = tuple(f for f, filled in zip(spec.strip_fields, codes[events:]) if filled)
