@@ -384,7 +384,8 @@ class AuditStore:
                        page: int = 20_000) -> Iterator[tuple[int, tuple]]:
         """(ordinal, (action, fields, as_of, run_id)) of the latest removal recorded for each of
         `records` ((ordinal, table, record hash), any number) that has one, by ordinal. The hashes
-        are loaded into a temporary table and joined once: looked up a batch at a time (an index
+        that may be a removal's (`_removal_digests`) are loaded into a temporary table and joined
+        once: looked up a batch at a time (an index
         probe per hash, 30 to 100 ms per 2,000), the check took 200 s of a 301 s nightly run at
         scale 1. The matches are read a page at a time: after a whole backup is restored they are
         as many as the records removed."""
