@@ -34,7 +34,7 @@ from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
 from . import staging
-from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Facts, decide, event_value,
+from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Decision, Facts, decide, event_value,
                      reapply_after_restore)
 from .chain import read_published_heads, write_published_head
 from .extract import DEFAULT_BATCH, NOT_A_DATE, Extraction, NotADate
@@ -125,10 +125,10 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
 
 def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSpec, archived: bool,
               key: bytes) -> bool:
-    """Whether a record the trail says was removed is back in the table (or its archive): present
-    after its deletion, or with a field it was stripped of filled again. (A stripped row is in the
-    trail and in the table: only the fields tell. An archived one is not removed again: the
-    decision in force stands, `reapply_after_restore`.)"""
+    """Whether a record the trail says was removed is back in the table (or its archive) so that
+    it must be acted on again even where its own decision keeps it: present after its deletion, or
+    with a field it was stripped of filled again (`reapply_after_restore`, asked about a row kept
+    as it is; a stripped row is in the trail and still in its table: only its fields tell)."""
     filled = array("B" if len(spec.strip_fields) <= 8 else "Q")  # per row: bit i when strip_fields[i] has a value
 
     def records():
@@ -138,14 +138,14 @@ def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSp
                 yield len(filled) - 1, spec.name, audit_mod.record_hash(key, spec.system, spec.name, row_key)
 
     with closing(store.prior_removals(spec.system, records())) as found:
-        for ordinal, (action, fields, _as_of, _run_id) in found:
-            if action == "strip":
-                stripped = {f for f in (fields or "").split(",") if f}
-                if any(filled[ordinal] >> i & 1 for i, f in enumerate(spec.strip_fields) if f in stripped):
-                    return True
-            elif action != "archive":
+        for ordinal, prior in found:
+            present = [f for i, f in enumerate(spec.strip_fields) if filled[ordinal] >> i & 1]
+            if reapply_after_restore(_KEPT_AS_IS, present, prior).replayed:
                 return True
     return False
+
+
+_KEPT_AS_IS = Decision(KEEP, (), "")
 
 
 class _Kept:
