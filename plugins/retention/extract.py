@@ -56,7 +56,7 @@ class Extraction:
         self.sources, self.system = sources, system
         self.metadata = MetaData()
         self.staged: dict[Related, Table] = {}
-        self.wanted: list[Table] = []  # signatures whose rows were read, one temporary table per query
+        self.filters = 0  # temporary tables of wanted signatures made so far (each needs its own name)
 
     def __enter__(self) -> "Extraction":
         self.conn = self.sources.engine(self.system).connect()
@@ -146,10 +146,10 @@ class Extraction:
             return None, pk
         if not rejected:
             return select(*rows.c), pk
-        needed = Table(f"retention_wanted_{len(self.wanted)}", self.metadata,
+        self.filters += 1
+        needed = Table(f"retention_wanted_{self.filters}", self.metadata,
                        *[Column(f"s{i}", Integer, nullable=False) for i in range(len(signature))],
                        prefixes=["TEMPORARY"])
-        self.wanted.append(needed)
         needed.create(self.conn)
         bulk_insert(self.conn, needed, [{f"s{i}": code for i, code in enumerate(codes)} for codes in accepted])
         if self.conn.dialect.name == "postgresql":

@@ -287,7 +287,8 @@ class Tally:
 
 def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                   store: audit_mod.AuditStore | None) -> Tally:
-    """Decide every extracted row of one system; writes the rows to act on, returns the tally.
+    """Decide every extracted row of one system; writes the rows to act on, returns the tally, which
+    also counts the rows extraction only counted (the `kept` file: decided there, kept as they are).
     Rows the audit trail says were already removed (a restored backup) are removed again."""
     spec = rules.system(system)
     tally = Tally()
