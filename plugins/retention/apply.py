@@ -90,7 +90,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
     entries = []
     suppressed: dict = {}
     recorded_at = audit.now()
-    subjects: dict = {}  # rows of a batch often share a subject: one HMAC each
+    subjects: dict = {}
     with sources.engine(spec.system).begin() as conn:
         for (action, archived, fields), group in groups.items():
             target = archive if archived else live
@@ -110,15 +110,13 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
             else:
                 raise ValueError(f"action {action!r} does not change a source row")
             changed = set(conn.execute(statement).all())  # rows hash and compare as tuples of their values
-            for planned in group:
-                if planned.key in changed:
-                    if planned.subject not in subjects:
-                        subjects[planned.subject] = audit.subject_hash(run.key, planned.subject)
-                    entries.append(_entry(spec, planned, run, recorded_at, subjects[planned.subject]))
-                    counts[action] += 1
-                    if planned.suppress:
-                        for ihash in planned.identifier_hashes:
-                            suppressed[ihash] = planned.suppress
+            done = [planned for planned in group if planned.key in changed]
+            entries += _entries(spec, done, run, recorded_at, subjects)
+            counts[action] += len(done)
+            for planned in done:
+                if planned.suppress:
+                    for ihash in planned.identifier_hashes:
+                        suppressed[ihash] = planned.suppress
         bulk_insert(conn, outbox, entries)
         if suppressed:
             # Same transaction as the deletion: the person is never deleted without being suppressed.
@@ -129,14 +127,24 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
     return counts, entries
 
 
-def _entry(spec: TableSpec, planned: Planned, run: RunContext, recorded_at, subject_hash: str | None) -> dict:
-    rhash = audit.record_hash(run.key, spec.system, spec.name, planned.key)
-    action = planned.action + ("_from_archive" if planned.archived else "")
-    return dict(
-        entry_id=audit.entry_id(run.run_id, spec.system, spec.name, rhash, action, planned.fields, recorded_at),
-        run_id=run.run_id, as_of=run.as_of, system=spec.system, table_name=spec.name, record_hash=rhash,
-        subject_hash=subject_hash, action=action, rules=",".join(planned.rules), purposes=run.purposes(planned.rules),
-        fields=",".join(planned.fields) or None, reason=planned.reason, recorded_at=recorded_at,
-        identifier_hashes=",".join(planned.identifier_hashes) or None, key_id=run.key_id,
-        replayed=int(planned.replayed),
-    )
+def _entries(spec: TableSpec, group: list[Planned], run: RunContext, recorded_at, subjects: dict) -> list[dict]:
+    """The audit entries of rows changed by one action (a group shares action, archive state and
+    fields): what they share is made once, the rest per row (millions of them on a first run)."""
+    if not group:
+        return []
+    first = group[0]
+    action = first.action + ("_from_archive" if first.archived else "")
+    entry_id = audit.entry_ids(run.run_id, spec.system, spec.name, action, first.fields, recorded_at)
+    record_hash = audit.record_hashes(run.key, spec.system, spec.name)
+    shared = dict(run_id=run.run_id, as_of=run.as_of, system=spec.system, table_name=spec.name, action=action,
+                  fields=",".join(first.fields) or None, recorded_at=recorded_at, key_id=run.key_id)
+    entries = []
+    for planned in group:
+        if planned.subject not in subjects:  # rows of a batch often share a subject: one HMAC each
+            subjects[planned.subject] = audit.subject_hash(run.key, planned.subject)
+        rhash = record_hash(planned.key)
+        entries.append(dict(
+            shared, entry_id=entry_id(rhash), record_hash=rhash, subject_hash=subjects[planned.subject],
+            rules=",".join(planned.rules), purposes=run.purposes(planned.rules), reason=planned.reason,
+            identifier_hashes=",".join(planned.identifier_hashes) or None, replayed=int(planned.replayed)))
+    return entries

@@ -132,10 +132,11 @@ def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSp
     filled = array("B" if len(spec.strip_fields) <= 8 else "Q")  # per row: bit i when strip_fields[i] has a value
 
     def records():
+        record_hash = audit_mod.record_hashes(key, spec.system, spec.name)
         for batch in extraction.keys(spec, archived):
             for row_key, fields in batch:
                 filled.append(fields)
-                yield len(filled) - 1, spec.name, audit_mod.record_hash(key, spec.system, spec.name, row_key)
+                yield len(filled) - 1, spec.name, record_hash(row_key)
 
     with closing(store.prior_removals(spec.system, records())) as found:
         for ordinal, prior in found:
@@ -348,9 +349,10 @@ def _count(tally: Tally, rules: Rules, run: Run, system: str, table: str, decisi
 
 def _record_hashes(facts: Path, system: str, tables: set, key: bytes) -> Iterator[tuple[int, str, str]]:
     """(ordinal in the facts file, table, record hash) of the rows of `tables`."""
+    hashes = {table: audit_mod.record_hashes(key, system, table) for table in tables}
     for ordinal, (table, row) in enumerate(staging.read_rows(facts)):
         if table in tables:
-            yield ordinal, table, audit_mod.record_hash(key, system, table, row[0])
+            yield ordinal, table, hashes[table](row[0])
 
 
 class _Decider:
