@@ -162,6 +162,33 @@ def test_the_outbox_is_emptied_at_once_only_when_the_store_has_all_it_holds(trai
     assert verify(retention_home).ok
 
 
+def test_every_value_of_an_entry_comes_back_as_written_from_the_outbox_and_the_store(trail, retention_home):
+    """Entries go to the outbox and on to the store by COPY on PostgreSQL: a tab, a line break, a
+    backslash, the text of NULL, an empty text or an accent come back as written, and a NULL as
+    NULL, from both."""
+    from sqlalchemy import select
+
+    from retention.rules import load_rules
+    from retention.sources import Sources, bulk_insert, dict_rows
+
+    awkward = ["tab\there", "line\nbreak\r\n", "back\\slash \\N", "\\N", "", "échue — «»", "a,b"]
+    template = {k: v for k, v in entries(trail)[0].items() if k not in ("seq", "prev_hash", "entry_hash")}
+    written = [dict(template, entry_id=f"{n:064x}", record_hash=f"{n:064x}", run_id=f"run {value}", rules=value,
+                    reason=value, fields=value or None, subject_hash=None if n % 2 else "ab" * 32,
+                    identifier_hashes=f"{n:064x},{value}", replayed=n % 2)
+               for n, value in enumerate(awkward)]
+    sources = Sources(load_rules())
+    outbox = sources.outbox("crm")
+    with trail.engines["crm"].begin() as conn:
+        bulk_insert(conn, outbox, written)
+        assert sorted(dict_rows(conn.execute(select(outbox))), key=lambda e: e["entry_id"]) == written
+
+    assert AuditStore.open().publish(sources, "crm") == len(written)
+    published = entries(trail)[-len(written):]
+    assert [{k: e[k] for k in template} for e in published] == written
+    assert verify(retention_home).ok
+
+
 def test_a_change_s_entry_id_leads_with_its_recording_time(trail):
     """Ids of changes grow with time (the store's key index grows at its end); events keep the bare
     hash a retried step finds them by."""
