@@ -40,15 +40,17 @@ def main(argv=None) -> int:
             print(f"scale {scale:g}: {result.examined:,} rows examined, {result.engine_actions:,} actions "
                   f"({result.baseline_actions:,} by the baseline), {result.audit_entries:,} audit entries\n"
                   f"  enforcement {result.engine_seconds:8.1f} s  {result.examined / result.engine_seconds:10,.0f} rows/s"
-                  f"  peak RSS {result.engine_rss_mb:,.0f} MB\n"
+                  f"  peak RSS {result.engine_rss_mb:,.0f} MB  CPU {result.engine_cpu_seconds:,.1f} s\n"
                   f"  baseline    {result.baseline_seconds:8.1f} s  "
                   f"{result.examined / result.baseline_seconds:10,.0f} rows/s", flush=True)
-            print("  enforcement steps (seconds, peak RSS so far): " + ", ".join(
-                f"{s['task_id']} {s['duration']:.1f} s {s['peak_rss_mb']:,.0f} MB" for s in result.engine_steps), flush=True)
+            print("  enforcement steps (seconds, of which CPU, peak RSS so far): " + ", ".join(
+                f"{s['task_id']} {s['duration']:.1f} s cpu {s['cpu_seconds']:.1f} {s['peak_rss_mb']:,.0f} MB"
+                for s in result.engine_steps), flush=True)
             _verdict("  ", result.ratio, result.mismatches)
             print(f"  next night (as of the day after): {result.night_actions:,} actions "
                   f"({result.night_baseline_actions:,} by the baseline)\n"
-                  f"    enforcement {result.night_engine_seconds:8.1f} s  peak RSS {result.night_rss_mb:,.0f} MB\n"
+                  f"    enforcement {result.night_engine_seconds:8.1f} s  peak RSS {result.night_rss_mb:,.0f} MB"
+                  f"  CPU {result.night_cpu_seconds:,.1f} s\n"
                   f"    baseline    {result.night_baseline_seconds:8.1f} s", flush=True)
             _verdict("    ", result.night_ratio, result.night_mismatches)
     finally:

@@ -35,6 +35,7 @@ class Result:
     engine_seconds: float = 0.0
     baseline_seconds: float = 0.0
     engine_rss_mb: float = 0.0
+    engine_cpu_seconds: float = 0.0  # of its process: the rest of its time it waited on the databases
     engine_steps: list = field(default_factory=list)  # the run's steps: time and peak memory so far
     audit_entries: int = 0
     mismatches: list = field(default_factory=list)
@@ -44,6 +45,7 @@ class Result:
     night_engine_seconds: float = 0.0
     night_baseline_seconds: float = 0.0
     night_rss_mb: float = 0.0
+    night_cpu_seconds: float = 0.0
     night_mismatches: list = field(default_factory=list)
 
     @property
@@ -88,8 +90,9 @@ def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str,
     return counts
 
 
-def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -> tuple[dict, float, float]:
-    """`retention run` in its own process, as an operator would; returns (summary, seconds, peak RSS MB)."""
+def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -> tuple[dict, float, float, float]:
+    """`retention run` in its own process, as an operator would; returns (summary, seconds, peak RSS
+    MB, CPU seconds of the process)."""
     env = dict(os.environ, RETENTION_HOME=str(home), RETENTION_AUDIT_KEY=AUDIT_KEY,
                RETENTION_RULES=str(ROOT / "retention_rules"),
                AIRFLOW_CONN_RETENTION_AUDIT=_libpq(server.url("audit")),
@@ -112,7 +115,7 @@ def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -
         stdout, stderr = out.read().decode(), err.read().decode()
     if process.returncode != 0:
         raise RuntimeError(f"retention run exited {process.returncode}:\n{stderr[-4000:]}")
-    return json.loads(stdout), seconds, usage.ru_maxrss / 1024
+    return json.loads(stdout), seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def checksums(server, prefix: str) -> dict[tuple, tuple]:
@@ -155,7 +158,8 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
     conninfo = {s: _libpq(server.url(f"base_{s}")) for s in SYSTEMS}
     next_day = as_of + timedelta(days=1)
     with tempfile.TemporaryDirectory(prefix="retention-bench-") as home:
-        summary, result.engine_seconds, result.engine_rss_mb = run_engine(server, as_of, Path(home), batch_size)
+        summary, result.engine_seconds, result.engine_rss_mb, result.engine_cpu_seconds = run_engine(
+            server, as_of, Path(home), batch_size)
         result.examined = sum(summary["actions"].values())
         result.engine_actions = _applied(summary)
         result.audit_entries = summary["audit_entries_total"]
@@ -165,7 +169,8 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
         result.baseline_seconds = time.perf_counter() - started
         result.mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
 
-        summary, result.night_engine_seconds, result.night_rss_mb = run_engine(server, next_day, Path(home), batch_size)
+        summary, result.night_engine_seconds, result.night_rss_mb, result.night_cpu_seconds = run_engine(
+            server, next_day, Path(home), batch_size)
         result.night_actions = _applied(summary)
     started = time.perf_counter()
     result.night_baseline_actions = baseline.run(conninfo, next_day, AUDIT_KEY.encode())

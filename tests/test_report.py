@@ -38,14 +38,14 @@ def test_report_shows_the_run_with_counts_that_match_the_audit_store(backend, tm
     assert report["hold_reasons"] and "claim in litigation" in html  # who is held, and why
     assert html.count("<svg") >= 3 and "Upcoming expiries" in html  # breakdown, forecast, trend
     assert {f["days"] for f in report["forecast"]} <= {30, 90, 365}
-    # Run in one process, the run records its steps in order, each with its time and the peak memory
-    # so far (where memory went, step by step).
+    # Run in one process, the run records its steps in order, each with its time, the CPU time it
+    # spent (the rest it waited) and the peak memory so far (where memory went, step by step).
     steps = report["steps"]
     assert [s["task_id"] for s in steps] == ["legal_holds", *(f"{s}.{step}" for s in summary["systems"]
                                                               for step in ("extract", "decide", "anonymise")),
                                              "blast_radius_guard", *(f"{s}.apply" for s in summary["systems"])]
     peaks = [s["peak_rss_mb"] for s in steps]
-    assert peaks == sorted(peaks) and peaks[0] > 0 and all(s["duration"] >= 0 for s in steps)
+    assert peaks == sorted(peaks) and peaks[0] > 0 and all(s["duration"] >= 0 and s["cpu_seconds"] >= 0 for s in steps)
     assert "peak memory so far (MB)" in html and f"<td>{peaks[-1]:,.0f}</td>" in html
     # This test runs with RETENTION_REPORT_PDF=0 (conftest): no PDF, and the summary says why.
     assert "pdf" not in summary["report"] and "RETENTION_REPORT_PDF is off" in summary["report"]["pdf_missing"]
