@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import chain, staging
 from .connections import AUDIT_CONNECTION, make_engine, resolve_url, retention_home
-from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, dict_rows, one_of
+from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, create_once, dict_rows, one_of
 
 KEY_ENV = "RETENTION_AUDIT_KEY"
 OLD_KEYS_ENV = "RETENTION_AUDIT_OLD_KEYS"  # comma-separated keys retired by rotation
@@ -230,7 +230,7 @@ class AuditStore:
         self.exists = inspect(engine).has_table(AUDIT_TABLE)
         self._digests: tuple = (None, None, None)  # (system, chain head seq, digests): _removal_digests
         if create and not self.exists:
-            metadata.create_all(engine)
+            create_once(lambda: metadata.create_all(engine))
             try:
                 with engine.begin() as conn:
                     conn.execute(insert(self.head).values(id=1, seq=0, entry_hash=chain.GENESIS))

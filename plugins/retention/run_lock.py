@@ -8,6 +8,7 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, inser
 from sqlalchemy.exc import IntegrityError
 
 from .audit import AuditStore, now
+from .sources import create_once
 
 LOCK_TABLE = "retention_run_lock"
 
@@ -24,7 +25,7 @@ class RunLock:
                            Column("id", Integer, primary_key=True),
                            Column("run_id", String(250)),
                            Column("acquired_at", DateTime))
-        metadata.create_all(self.engine)
+        create_once(lambda: metadata.create_all(self.engine))
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(self.table).values(id=1, run_id=None, acquired_at=None))

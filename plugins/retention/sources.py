@@ -3,10 +3,12 @@ and the engine's own side tables there (the audit outbox and the intermediate ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import (Column, Date, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, any_, bindparam,
                         func, inspect, select, text, tuple_)
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchTableError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
 from .rules import Rules
@@ -60,6 +62,16 @@ def dict_rows(result) -> list[dict]:
     """A result's rows as dicts, fetched at once (iterating Row objects costs twice as much)."""
     names = list(result.keys())
     return [dict(zip(names, row)) for row in result.all()]
+
+
+def create_once(create: Callable[[], None]) -> None:
+    """Runs `create`: one transaction of DDL that checks what exists first. Two processes creating
+    the same tables at once (the apply steps of two systems on a new statistics store) race between
+    the check and the CREATE: the loser's statement fails on the winner's, then finds it made."""
+    try:
+        create()
+    except (IntegrityError, ProgrammingError, OperationalError):
+        create()
 
 
 def bulk_insert(conn, table: Table, rows: list[dict]) -> None:
@@ -211,6 +223,12 @@ class Sources:
         table = self.table(system, SUPPRESSION_TABLE)
         with self.engine(system).begin() as conn:
             return conn.execute(table.delete().where(table.c.expires_on < as_of)).rowcount
+
+    def __enter__(self) -> "Sources":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.dispose()
 
     def dispose(self) -> None:
         for engine in self._engines.values():

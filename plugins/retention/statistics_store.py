@@ -19,6 +19,7 @@ from .audit import now
 from .connections import make_engine, resolve_url
 from .generalise import release_columns
 from .rules import Anonymisation
+from .sources import create_once
 
 STATISTICS_CONNECTION = "retention_statistics"
 REGISTRY_TABLE = "retention_releases"
@@ -80,13 +81,16 @@ class StatisticsStore:
 
     def _create(self, spec: Anonymisation) -> Table:
         table = self.data_table(spec)
-        self.metadata.create_all(self.engine, tables=[self.registry, table])
+        create_once(lambda: self.metadata.create_all(self.engine, tables=[self.registry, table]))
         view = f"published_{spec.dataset}"
-        if not inspect(self.engine).has_table(view) and view not in inspect(self.engine).get_view_names():
-            with self.engine.begin() as conn:
-                conn.execute(text(
-                    f"CREATE VIEW {view} AS SELECT d.* FROM {table.name} d JOIN {REGISTRY_TABLE} r "
-                    f"ON r.release_id = d.release_id WHERE r.status = '{PUBLISHED}'"))
+
+        def create_view() -> None:
+            if not inspect(self.engine).has_table(view) and view not in inspect(self.engine).get_view_names():
+                with self.engine.begin() as conn:
+                    conn.execute(text(
+                        f"CREATE VIEW {view} AS SELECT d.* FROM {table.name} d JOIN {REGISTRY_TABLE} r "
+                        f"ON r.release_id = d.release_id WHERE r.status = '{PUBLISHED}'"))
+        create_once(create_view)
         return table
 
     def write_pending(self, release_id: str, run_id: str, as_of: date, spec: Anonymisation,
