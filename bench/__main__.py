@@ -5,13 +5,14 @@ Exits 1 when the enforcement and the baseline leave different end states (a bug 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from datetime import date
 
 from tests.postgres import PostgresServer
 
-from .harness import dag_parse_times, machine, run_scale, server_version
+from .harness import SYSTEMS, dag_parse_times, machine, run_scale, server_version
 
 # Same server for both sides; memory a production server of this machine would have.
 SETTINGS = {"shared_buffers": "2GB", "work_mem": "64MB", "maintenance_work_mem": "512MB", "max_wal_size": "8GB"}
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--as-of", default="2026-06-01", type=date.fromisoformat)
     parser.add_argument("--batch-size", type=int, help="the enforcement's rows per batch (default: its own)")
+    parser.add_argument("--workers", type=int, default=min(len(SYSTEMS), os.cpu_count() or 1),
+                        help="the enforcement's processes, as `retention run --workers` (default: one per "
+                             "system, at most one per core)")
     args = parser.parse_args(argv)
     scales = args.scale or [1.0, 4.0]
 
@@ -31,11 +35,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = PostgresServer(SETTINGS).start()
     try:
-        print(f"machine: {machine()}, PostgreSQL {server_version(server)}", flush=True)
+        print(f"machine: {machine()}, PostgreSQL {server_version(server)}; enforcement with "
+              f"--workers {args.workers}", flush=True)
         results = []
         for scale in scales:
             result = run_scale(server, scale, args.seed, args.as_of, args.batch_size,
-                               log=lambda line: print(line, flush=True))
+                               log=lambda line: print(line, flush=True), workers=args.workers)
             results.append(result)
             print(f"scale {scale:g}: {result.examined:,} rows examined, {result.engine_actions:,} actions "
                   f"({result.baseline_actions:,} by the baseline), {result.audit_entries:,} audit entries\n"

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -90,9 +91,10 @@ def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str,
     return counts
 
 
-def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -> tuple[dict, float, float, float]:
+def run_engine(server, as_of: date, home: Path, batch_size: int | None = None,
+               workers: int = 1) -> tuple[dict, float, float, float]:
     """`retention run` in its own process, as an operator would; returns (summary, seconds, peak RSS
-    MB, CPU seconds of the process)."""
+    MB of the process and its workers together, CPU seconds of them all)."""
     env = dict(os.environ, RETENTION_HOME=str(home), RETENTION_AUDIT_KEY=AUDIT_KEY,
                RETENTION_RULES=str(ROOT / "retention_rules"),
                AIRFLOW_CONN_RETENTION_AUDIT=_libpq(server.url("audit")),
@@ -100,22 +102,76 @@ def run_engine(server, as_of: date, home: Path, batch_size: int | None = None) -
     for system in SYSTEMS:
         env[f"AIRFLOW_CONN_RETENTION_{system.upper()}"] = _libpq(server.url(f"engine_{system}"))
     # A first run over years of backlog trips the blast-radius guard by design: --force, recorded.
-    command = [str(Path(sys.executable).parent / "retention"), "run", "--as-of", as_of.isoformat(), "--force", "--json"]
+    command = [str(Path(sys.executable).parent / "retention"), "run", "--as-of", as_of.isoformat(), "--force", "--json",
+               "--workers", str(workers)]
     if batch_size:
         command += ["--batch-size", str(batch_size)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err, cwd=ROOT)
-        # wait4 gives this child's own peak RSS (kilobytes on Linux), not the maximum of all children.
+        sampler = _TreeMemory(process.pid)
+        # wait4 gives this child's CPU with its workers' (reaped before it ends), and the largest
+        # one process's peak RSS (kilobytes on Linux): the workers' sum is sampled meanwhile.
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
+        sampler.stop()
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
     if process.returncode != 0:
         raise RuntimeError(f"retention run exited {process.returncode}:\n{stderr[-4000:]}")
-    return json.loads(stdout), seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return json.loads(stdout), seconds, max(usage.ru_maxrss / 1024, sampler.peak_mb), usage.ru_utime + usage.ru_stime
+
+
+class _TreeMemory:
+    """The peak of the summed RSS of a process and of its descendants running the same program
+    (its workers; not the browser that prints the report's PDF), sampled every 50 ms from Linux
+    /proc: with workers, no one process's peak says what the run needed at once."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_mb = pid, 0.0
+        self.program = _program(pid)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.05):
+            same = [pid for pid in _tree(self.pid) if _program(pid) == self.program]
+            self.peak_mb = max(self.peak_mb, sum(_rss_kb(pid) for pid in same) / 1024)
+
+
+def _tree(pid: int) -> list[int]:
+    pids, at = [pid], 0
+    while at < len(pids):
+        try:
+            pids += [int(c) for c in Path(f"/proc/{pids[at]}/task/{pids[at]}/children").read_text().split()]
+        except OSError:  # ended meanwhile
+            pass
+        at += 1
+    return pids
+
+
+def _program(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:  # ended meanwhile
+        return None
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def checksums(server, prefix: str) -> dict[tuple, tuple]:
@@ -148,7 +204,7 @@ def compare(engine: dict, base: dict) -> list[str]:
 
 
 def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | None = None,
-              log=print) -> Result:
+              log=print, workers: int = 1) -> Result:
     result = Result(scale)
     started = time.perf_counter()
     counts = prepare(server, scale, seed, as_of)
@@ -159,7 +215,7 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
     next_day = as_of + timedelta(days=1)
     with tempfile.TemporaryDirectory(prefix="retention-bench-") as home:
         summary, result.engine_seconds, result.engine_rss_mb, result.engine_cpu_seconds = run_engine(
-            server, as_of, Path(home), batch_size)
+            server, as_of, Path(home), batch_size, workers)
         result.examined = sum(summary["actions"].values())
         result.engine_actions = _applied(summary)
         result.audit_entries = summary["audit_entries_total"]
@@ -170,7 +226,7 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
         result.mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
 
         summary, result.night_engine_seconds, result.night_rss_mb, result.night_cpu_seconds = run_engine(
-            server, next_day, Path(home), batch_size)
+            server, next_day, Path(home), batch_size, workers)
         result.night_actions = _applied(summary)
     started = time.perf_counter()
     result.night_baseline_actions = baseline.run(conninfo, next_day, AUDIT_KEY.encode())

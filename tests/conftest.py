@@ -139,7 +139,7 @@ def outcome(urls: dict[str, str]) -> dict:
     return state
 
 
-def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=False, rules_dir=RULES):
+def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=False, rules_dir=RULES, workers=1):
     """One whole run through the same entry point as the CLI. A first run over seeded data is a
     backlog and needs `force` past the blast-radius guard, as it would in production."""
     from datetime import date
@@ -151,4 +151,4 @@ def run_retention(as_of, systems=None, dry_run=False, batch_size=500, force=Fals
     as_of = date.fromisoformat(as_of) if isinstance(as_of, str) else as_of
     run = Run(run_id=f"test__{as_of}__{next(_counter)}", as_of=as_of, systems=list(systems or SYSTEMS),
               dry_run=dry_run, batch_size=batch_size, kind="test", force=force)
-    return execute(rules, run)
+    return execute(rules, run, workers=workers)

@@ -46,6 +46,10 @@ def test_plan_writes_nothing_and_run_matches_it(seeded):
     planned = json.loads(plan.stdout)
     assert planned["mode"] == "dry_run" and planned["actions"]["delete"] > 0
     assert set(planned["actions"]) == {"delete", "anonymise", "strip", "archive", "keep"}
+    # With worker processes and the progress display (their progress relayed to it): the same plan.
+    shown = cli("plan", "--as-of", AS_OF, "--workers", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert f"{planned['actions']['delete']:,}" in shown.stdout or str(planned["actions"]["delete"]) in shown.stdout
     assert seeded.snapshot() == before
 
     run = cli("run", "--as-of", AS_OF, "--json", "--force")
@@ -135,6 +139,8 @@ def test_bad_inputs_fail_clearly_and_change_nothing(seeded, tmp_path):
     assert bad_date.returncode == 2 and "YYYY-MM-DD" in bad_date.stderr
     future = cli("run", "--as-of", "2999-01-01")
     assert future.returncode == 2 and "future" in future.stderr
+    no_workers = cli("run", "--as-of", AS_OF, "--workers", "0")
+    assert no_workers.returncode == 2 and "--workers must be at least 1" in no_workers.stderr
     unknown = cli("run", "--as-of", AS_OF, "--system", "erp")
     assert unknown.returncode == 3 and "unknown system 'erp'" in unknown.stderr
 
@@ -149,7 +155,7 @@ def test_bad_inputs_fail_clearly_and_change_nothing(seeded, tmp_path):
     down = cli("run", "--as-of", AS_OF, env={"AIRFLOW_CONN_RETENTION_CRM": "postgresql://nobody@127.0.0.1:1/crm"})
     assert down.returncode == 4
     assert "cannot reach system 'crm'" in down.stderr and "AIRFLOW_CONN_RETENTION_CRM" in down.stderr
-    assert "Traceback" not in down.stderr + typo.stderr + bad_date.stderr
+    assert "Traceback" not in down.stderr + typo.stderr + bad_date.stderr + no_workers.stderr
     assert seeded.snapshot() == before
 
 

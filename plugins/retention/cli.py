@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=int, default=2000, help="rows per batch and transaction")
         sub.add_argument("--force", action="store_true",
                          help="go past the blast-radius guard (recorded in the audit trail)")
+        sub.add_argument("--workers", type=int, default=1,
+                         help="run the systems' steps in this many processes at once, as Airflow's workers "
+                              "do (default 1; up to the number of systems and cores pays)")
         if name == "run":
             sub.add_argument("--dry-run", action="store_true", help="same as `plan`")
         sub.set_defaults(handler=cmd_run, dry_run=(name == "plan"))
@@ -204,6 +207,8 @@ def cmd_run(args) -> int:
                            "before its time. Use today's date or an earlier one")
     if args.batch_size < 1:
         raise UsageProblem("--batch-size must be at least 1")
+    if args.workers < 1:
+        raise UsageProblem("--workers must be at least 1 (1: the systems one after the other)")
     rules = load_rules(args.rules)
     systems = args.system or sorted(rules.systems)
     for name in systems:
@@ -213,7 +218,7 @@ def cmd_run(args) -> int:
     run = Run(run_id=f"cli__{as_of}__{stamp}", as_of=as_of, systems=systems, dry_run=args.dry_run,
               batch_size=args.batch_size, kind="cli", force=args.force)
     if args.json:
-        summary = execute(rules, run)
+        summary = execute(rules, run, workers=args.workers)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rows"),
                       TimeElapsedColumn(), console=err, transient=True) as bar:
@@ -225,7 +230,7 @@ def cmd_run(args) -> int:
                     tasks[label] = bar.add_task(label, total=None)
                 bar.advance(tasks[label], rows)
 
-            summary = execute(rules, run, progress=progress)
+            summary = execute(rules, run, progress=progress, workers=args.workers)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:

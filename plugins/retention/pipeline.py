@@ -12,9 +12,12 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
+import pickle
 import re
 import resource
 import shutil
+import threading
 import time
 from array import array
 from collections import Counter
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.schema import sort_tables
 
 from . import audit as audit_mod
@@ -736,46 +739,143 @@ def verify_trail(store: audit_mod.AuditStore, run: Run, use_airflow: bool = Fals
     return verification
 
 
-def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progress | None = None) -> dict:
-    """A whole run in one process (the CLI): every decision first, then every change."""
-    sources = Sources(rules, use_airflow)
+def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progress | None = None,
+            workers: int = 1) -> dict:
+    """A whole run from one command (the CLI): every decision first, then every change. With
+    `workers` above one, the systems' steps run in that many processes at once, as the Airflow tasks
+    of different systems do on a deployment's workers (a system's own steps stay in order)."""
     key = audit_mod.audit_key(use_airflow)
     lock = None if run.dry_run else RunLock(audit_mod.AuditStore.open(use_airflow))
     if lock is not None:
         lock.acquire_or_fail(run.run_id)
     steps: list = []
-
-    def step(task_id: str, function: Callable, *args):
-        """Runs one step and records, under the Airflow task's name, its time, the CPU time this
-        process spent in it (the rest of the time it waited, mostly on a database) and the
-        process's peak memory so far: which step raised the peak is where memory went."""
-        started, cpu = time.monotonic(), time.process_time()
-        result = function(*args)
-        _give_back_free_memory()
-        steps.append({"task_id": task_id, "state": "success", "duration": round(time.monotonic() - started, 3),
-                      "cpu_seconds": round(time.process_time() - cpu, 3),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
-        log.info("step %s: %.1f s, peak memory so far %.0f MB", task_id, steps[-1]["duration"], steps[-1]["peak_rss_mb"])
-        return result
-
     try:
-        step("legal_holds", lambda: write_holds(run, holds_mod.all_holds(rules, sources, key, use_airflow)))
+        with Sources(rules, use_airflow) as sources:
+            _step(steps, "legal_holds", lambda: write_holds(run, holds_mod.all_holds(rules, sources, key, use_airflow)))
+            order = _largest_first(rules, sources, run.systems) if 1 < workers < len(run.systems) else run.systems
         held = read_holds(run)
-        known = audit_mod.AuditStore.open(use_airflow, create=False)
-        for system in run.systems:
-            step(f"{system}.extract", extract_system, rules, sources, run, system, key, progress, known)
-            step(f"{system}.decide", decide_system, rules, run, system, held, key, known)
-            step(f"{system}.anonymise", anonymise_system, rules, sources, run, system)
-        step("blast_radius_guard", guard_run, rules, run, key, use_airflow)
-        if not run.dry_run:
-            store = audit_mod.AuditStore.open(use_airflow)
-            for system in run.systems:
-                step(f"{system}.apply", apply_system, rules, sources, store, run, system, key, progress)
+        with _PerSystem(workers, progress) as systems:
+            steps += systems.run(order, _decide_steps, rules, run, held, key, use_airflow)
+            _step(steps, "blast_radius_guard", guard_run, rules, run, key, use_airflow)
+            if not run.dry_run:
+                steps += systems.run(order, _apply_steps, rules, run, key, use_airflow)
         return finish(rules, run, use_airflow, steps)
     finally:
-        sources.dispose()
         if lock is not None:
             lock.release(run.run_id)
+
+
+def _step(steps: list, task_id: str, function: Callable, *args):
+    """Runs one step and records, under the Airflow task's name, its time, the CPU time this
+    process spent in it (the rest of the time it waited, mostly on a database), the process and
+    its peak memory so far: which step raised a process's peak is where memory went."""
+    started, cpu = time.monotonic(), time.process_time()
+    result = function(*args)
+    _give_back_free_memory()
+    steps.append({"task_id": task_id, "state": "success", "duration": round(time.monotonic() - started, 3),
+                  "cpu_seconds": round(time.process_time() - cpu, 3), "process": os.getpid(),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+    log.info("step %s: %.1f s, peak memory so far %.0f MB", task_id, steps[-1]["duration"], steps[-1]["peak_rss_mb"])
+    return result
+
+
+def _largest_first(rules: Rules, sources: Sources, systems: list[str]) -> list[str]:
+    """The systems by rows in their mapped tables, most first: with fewer workers than systems, the
+    longest starts at once and the others share the remaining workers (longest-first scheduling;
+    in the order given, the largest system could start last, after a small one)."""
+    def rows(system: str) -> int:
+        with sources.engine(system).connect() as conn:
+            return sum(conn.scalar(select(func.count()).select_from(sources.table(system, table)))
+                       for table in rules.system(system).tables)
+    return sorted(systems, key=rows, reverse=True)
+
+
+def _decide_steps(system: str, rules: Rules, run: Run, held: dict, key: bytes, use_airflow: bool,
+                  progress: Progress | None) -> list[dict]:
+    steps: list = []
+    known = audit_mod.AuditStore.open(use_airflow, create=False)
+    with Sources(rules, use_airflow) as sources:
+        _step(steps, f"{system}.extract", extract_system, rules, sources, run, system, key, progress, known)
+        _step(steps, f"{system}.decide", decide_system, rules, run, system, held, key, known)
+        _step(steps, f"{system}.anonymise", anonymise_system, rules, sources, run, system)
+    return steps
+
+
+def _apply_steps(system: str, rules: Rules, run: Run, key: bytes, use_airflow: bool,
+                 progress: Progress | None) -> list[dict]:
+    steps: list = []
+    store = audit_mod.AuditStore.open(use_airflow)
+    with Sources(rules, use_airflow) as sources:
+        _step(steps, f"{system}.apply", apply_system, rules, sources, store, run, system, key, progress)
+    return steps
+
+
+class _PerSystem:
+    """Runs a function of each system, one system after the other, or in `workers` processes
+    (spawned: a forked copy of open connections and threads is not safe). The first failure stops
+    the systems not started yet and is raised, as a failed task stops the run's later tasks."""
+
+    def __init__(self, workers: int, progress: Progress | None):
+        self.workers, self.progress = workers, progress
+        self.pool = self.queue = self.relay = None
+
+    def __enter__(self) -> "_PerSystem":
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            if self.progress is not None:  # the workers' progress comes back to this process's display
+                self.queue = context.SimpleQueue()
+                self.relay = threading.Thread(target=self._relay, daemon=True)
+                self.relay.start()
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_started,
+                                            initargs=(logging.getLogger().level, self.queue))
+        return self
+
+    def run(self, systems: list[str], function: Callable, *args) -> list[dict]:
+        if self.pool is None:
+            return [s for system in systems for s in function(system, *args, self.progress)]
+        progress = _report_progress if self.queue is not None else None
+        futures = [self.pool.submit(_in_worker, function, system, *args, progress) for system in systems]
+        return [s for future in futures for s in future.result()]
+
+    def _relay(self) -> None:
+        while (item := self.queue.get()) is not None:
+            self.progress(*item)
+
+    def __exit__(self, *_) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+        if self.relay is not None:
+            self.queue.put(None)
+            self.relay.join()
+
+
+_progress_queue = None  # in a worker process: where its progress goes
+
+
+def _worker_started(level: int, queue) -> None:
+    global _progress_queue
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _progress_queue = queue
+
+
+def _report_progress(system: str, table: str, rows: int) -> None:
+    _progress_queue.put((system, table, rows))
+
+
+def _in_worker(function: Callable, system: str, *args) -> list[dict]:
+    """`function` in a worker; a failure that cannot travel back between processes as it is (a
+    driver's error holding a connection) comes back as its message, naming the system."""
+    try:
+        return function(system, *args)
+    except Exception as exc:
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            raise RuntimeError(f"{system}: {type(exc).__name__}: {exc}") from None
+        raise
 
 
 def _give_back_free_memory() -> None:
