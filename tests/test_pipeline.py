@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -352,6 +353,7 @@ def test_systems_run_in_worker_processes_change_audit_and_count_what_one_process
     assert steps.keys() == {s["task_id"] for s in sequential["steps"]}
     workers = {steps[f"{system}.{step}"] for system in SYSTEMS for step in ("extract", "decide", "anonymise", "apply")}
     assert len(workers) == 2 and steps["legal_holds"] not in workers  # the run's own process only orchestrated
+    assert "Run from the command line, in 3 processes" in Path(parallel["report"]["html"]).read_text()
 
 
 def _without_ids(value):

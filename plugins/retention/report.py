@@ -290,8 +290,9 @@ def _errors(report: dict) -> str:
                               "" if s["duration"] is None else f"{s['duration']:.1f}"]
                              + ([f"{s['peak_rss_mb']:,.0f}"] if in_process else []) for s in report["steps"]]))
     if in_process or not report["steps"]:
-        lines.append("<p>Run from the command line, in one process: any error stops it with a message and an "
-                     "exit code, before or between transactions.</p>")
+        processes = len({s.get("process") for s in report["steps"]} - {None})  # --workers: the run's and theirs
+        lines.append(f"<p>Run from the command line, in {'one process' if processes < 2 else f'{processes} processes'}: "
+                     "any error stops it with a message and an exit code, before or between transactions.</p>")
     else:
         lines.append("<p>Steps that reach a database retry twice before failing; each try has its own log in "
                      "Airflow.</p>")
