@@ -135,11 +135,11 @@ def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSp
     filled = array("B" if len(spec.strip_fields) <= 8 else "Q")  # per row: bit i when strip_fields[i] has a value
 
     def records():
-        record_hash = audit_mod.record_hashes(key, spec.system, spec.name)
+        digest = audit_mod.record_digests(key, spec.system, spec.name)
         for batch in extraction.keys(spec, archived):
             for row_key, fields in batch:
                 filled.append(fields)
-                yield len(filled) - 1, spec.name, record_hash(row_key)
+                yield len(filled) - 1, spec.name, digest(row_key)
 
     with closing(store.prior_removals(spec.system, records())) as found:
         for ordinal, prior in found:
@@ -300,7 +300,7 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     # Only records of a table with a removal in the trail can have been brought back by a restore:
     # those are checked against the trail at once, and the few found met again by their ordinal.
     removed = store.removed_tables(system) if store is not None else set()
-    restored = store.prior_removals(system, _record_hashes(facts, system, removed, key)) if removed else iter(())
+    restored = store.prior_removals(system, _record_digests(facts, system, removed, key)) if removed else iter(())
     found = next(restored, None)
     ordinal = -1
     decider = None
@@ -350,12 +350,12 @@ def _count(tally: Tally, rules: Rules, run: Run, system: str, table: str, decisi
     tally.add_forecast(rules, run.as_of, decision.upcoming, n)
 
 
-def _record_hashes(facts: Path, system: str, tables: set, key: bytes) -> Iterator[tuple[int, str, str]]:
-    """(ordinal in the facts file, table, record hash) of the rows of `tables`."""
-    hashes = {table: audit_mod.record_hashes(key, system, table) for table in tables}
+def _record_digests(facts: Path, system: str, tables: set, key: bytes) -> Iterator[tuple[int, str, bytes]]:
+    """(ordinal in the facts file, table, record digest) of the rows of `tables`."""
+    digests = {table: audit_mod.record_digests(key, system, table) for table in tables}
     for ordinal, (table, row) in enumerate(staging.read_rows(facts)):
         if table in tables:
-            yield ordinal, table, hashes[table](row[0])
+            yield ordinal, table, digests[table](row[0])
 
 
 class _Decider:
