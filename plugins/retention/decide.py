@@ -6,6 +6,7 @@ which strippable fields are filled) go in, one Decision comes out. No database, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from datetime import date
 
@@ -27,11 +28,13 @@ class EventValue:
 
 
 ONGOING = 0  # an event's compact code (extraction, staging): ONGOING, a day's ordinal, or None
+UNKNOWN = EventValue()
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a night decides millions of rows over a few thousand days
 def event_value(code: int | None) -> EventValue:
     if code is None:
-        return EventValue()
+        return UNKNOWN
     return EventValue(ongoing=True) if code == ONGOING else EventValue(day=date.fromordinal(code))
 
 
@@ -71,11 +74,11 @@ def rule_status(binding: Binding, facts: Facts, as_of: date, settings: Settings)
     rule = binding.rule
     events = facts.events or {}
     if rule.requires:
-        required = events.get(rule.requires, EventValue())
+        required = events.get(rule.requires, UNKNOWN)
         if required.day is None and not required.ongoing:
             return RuleStatus(rule.name, False, None,
                               f"{rule.name}: no {rule.requires}, so the purpose never applied")
-    clock = events.get(rule.clock, EventValue())
+    clock = events.get(rule.clock, UNKNOWN)
     early = events.get(rule.ends_early_on) if rule.ends_early_on else None
     if early is not None and early.day is not None and not early.ongoing:
         if as_of > early.day:
@@ -105,18 +108,18 @@ def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
     upcoming = tuple((s.rule, s.keep_until) for _, s in statuses if s.alive and s.keep_until is not None)
     pending = [b.rule.name for b, s in statuses if not s.alive and b.rule.mode == "report_only"]
     if not pending:
-        return replace(_decide(table, facts, statuses, hold_reason), upcoming=upcoming)
+        return _decide(table, facts, statuses, hold_reason, upcoming)
     would = _decide(table, facts, statuses, hold_reason)
     enforced = [(b, s if s.rule not in pending else
                  replace(s, alive=True, keep_until=None, reason=f"{s.reason} (report only: not enforced)"))
                 for b, s in statuses]
-    decision = _decide(table, facts, enforced, hold_reason)
+    decision = _decide(table, facts, enforced, hold_reason, upcoming)
     if (would.action, would.fields) == (decision.action, decision.fields):
-        return replace(decision, upcoming=upcoming)
-    return replace(decision, would=would.action, report_only_rules=tuple(pending), upcoming=upcoming)
+        return decision
+    return replace(decision, would=would.action, report_only_rules=tuple(pending))
 
 
-def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | None) -> Decision:
+def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | None, upcoming: tuple = ()) -> Decision:
     alive = [(b, s) for b, s in statuses if s.alive]
     if alive:
         # The purpose that lasts longest is the one keeping the record.
@@ -129,21 +132,21 @@ def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | N
         if strip and hold_reason is None:
             rules = tuple(s.rule for b, s in expired if set(b.fields) & set(strip))
             reasons = "; ".join(s.reason for b, s in expired if s.rule in rules)
-            return Decision(STRIP, rules, f"{reasons}; record kept for {keeper.reason}", strip)
+            return Decision(STRIP, rules, f"{reasons}; record kept for {keeper.reason}", strip, upcoming=upcoming)
         if strip:
-            return Decision(KEEP, (keeper.rule,), f"legal hold: {hold_reason}; {keeper.reason}")
-        return Decision(KEEP, (keeper.rule,), keeper.reason)
+            return Decision(KEEP, (keeper.rule,), f"legal hold: {hold_reason}; {keeper.reason}", upcoming=upcoming)
+        return Decision(KEEP, (keeper.rule,), keeper.reason, upcoming=upcoming)
 
     # Every purpose has ended: the last one to end is the rule acted under.
     last = max(statuses, key=lambda bs: bs[1].keep_until or date.min)[1]
     reason = "; ".join(s.reason for _, s in statuses)
     if hold_reason is not None:
         if facts.archived:
-            return Decision(KEEP, (last.rule,), f"legal hold: {hold_reason}; kept in archive; {reason}")
-        return Decision(ARCHIVE, (last.rule,), f"legal hold: {hold_reason}; {reason}")
+            return Decision(KEEP, (last.rule,), f"legal hold: {hold_reason}; kept in archive; {reason}", upcoming=upcoming)
+        return Decision(ARCHIVE, (last.rule,), f"legal hold: {hold_reason}; {reason}", upcoming=upcoming)
     suppress = next((b.rule.name for b, s in statuses if s.ended_early and b.rule.suppress_for), None)
     action = ANONYMISE if table.on_expiry == "anonymise" else DELETE
-    return Decision(action, (last.rule,), reason, suppress=suppress)
+    return Decision(action, (last.rule,), reason, suppress=suppress, upcoming=upcoming)
 
 
 def reapply_after_restore(decision: Decision, present, prior: tuple | None) -> Decision:

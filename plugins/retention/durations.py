@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -24,6 +25,7 @@ class Duration:
         unit = self.unit[:-1] if self.amount == 1 else self.unit
         return f"{self.amount} {unit}"
 
+    @functools.lru_cache(maxsize=1 << 14)  # asked for every rule of every row: the same days over and over
     def after(self, start: date) -> date:
         """The last day covered by this duration counted from `start` (kept through that day)."""
         if self.unit == "days":

@@ -304,17 +304,26 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     found = next(restored, None)
     ordinal = -1
     decider = None
+    # id(decision) -> [decision, rows], counted into the tally per table rather than per batch: a
+    # first night's decisions are a million tally counts per batch, a third of them per table. The
+    # decision is held: its id is not reused meanwhile.
+    counted: dict[int, list] = {}
     with staging.BatchWriter(_staging(run, system, "decisions")) as out:
         for table_name, rows in staging.read_batches(facts):
             table = spec.tables[table_name]
             # A table's batches come one after the other: only its memo is kept, not every table's.
             if decider is None or decider.table is not table:
+                if decider is not None:
+                    _count_all(tally, rules, run, system, decider.table.name, counted)
                 decider = _Decider(table, run.as_of, rules.settings)
+            elif len(counted) >= _Decider.LIMIT:
+                _count_all(tally, rules, run, system, table_name, counted)
             subjects: dict = {}  # rows of a batch often share a subject: one HMAC each, per batch
-            counted: dict[int, list] = {}  # id(decision) -> [decision, rows]
             planned = []
+            memo = decider.memo
             for row_key, subject, archived, present, identifiers, events in rows:
-                decision = decider(events, present, archived, None)
+                # The memo looked up here first: a call per row cost more than most rows' whole decision.
+                decision = memo.get((events, present, archived, None)) or decider(events, present, archived, None)
                 # A hold only ever turns a change into a smaller one or into keeping: a row kept
                 # anyway (most rows, every night) needs no subject HMAC. Report-only rules excepted:
                 # what they would do depends on the hold.
@@ -334,13 +343,19 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                     planned.append(Planned(row_key, subject, archived, decision.action, decision.rules, decision.reason,
                                            decision.fields, identifiers, decision.replayed, decision.suppress, dates))
             out.write(table_name, planned)
-            for decision, n in counted.values():
-                _count(tally, rules, run, system, table_name, decision, n)
+        if decider is not None:
+            _count_all(tally, rules, run, system, decider.table.name, counted)
     for table_name, signatures in staging.read_batches(_staging(run, system, "kept")):
         for decision, n in signatures:
             _count(tally, rules, run, system, table_name, decision, n)
     staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
+
+
+def _count_all(tally: Tally, rules: Rules, run: Run, system: str, table: str, counted: dict) -> None:
+    for decision, n in counted.values():
+        _count(tally, rules, run, system, table, decision, n)
+    counted.clear()
 
 
 def _count(tally: Tally, rules: Rules, run: Run, system: str, table: str, decision, n: int) -> None:
