@@ -4,6 +4,7 @@ and the engine's own side tables there (the audit outbox and the intermediate ar
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import itemgetter
 
 from sqlalchemy import (Column, Date, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, any_, bindparam,
                         func, inspect, select, text, tuple_)
@@ -76,23 +77,39 @@ def create_once(create: Callable[[], None]) -> None:
 
 def bulk_insert(conn, table: Table, rows: list[dict]) -> None:
     """Insert rows inside the caller's transaction. On PostgreSQL through COPY: an executemany sends
-    one INSERT per row, and audit entries come by the hundred thousand."""
+    one INSERT per row, and audit entries come by the hundred thousand. In COPY's binary format when
+    every column is text, a whole number, a date or a timestamp: a quarter of the text format's CPU
+    (2.2 against 8.3 µs per audit entry, and each is copied twice: outbox and store). It takes the
+    values as they are (str, int, date, naive datetime), as the engine makes them or read them from
+    a column of the same type."""
     if not rows:
         return
     if conn.dialect.name != "postgresql":
         conn.execute(table.insert(), rows)
         return
-    names = [c.name for c in table.columns if c.name in rows[0]]
+    columns = [c for c in table.columns if c.name in rows[0]]
+    binary = [_BINARY.get(c.type.compile(dialect=conn.dialect).split("(")[0]) for c in columns]
+    binary = binary if all(binary) else None
     quote = conn.dialect.identifier_preparer.quote
-    statement = f"COPY {quote(table.name)} ({', '.join(quote(n) for n in names)}) FROM STDIN"
+    statement = (f"COPY {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) FROM STDIN"
+                 + (" (FORMAT BINARY)" if binary else ""))
+    values = itemgetter(*[c.name for c in columns]) if len(columns) > 1 else (lambda row: (row[columns[0].name],))
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            if binary:
+                copy.set_types(binary)
             for row in rows:
-                copy.write_row([row[n] for n in names])
+                copy.write_row(values(row))
     except dbapi.Error as exc:
         # As SQLAlchemy would raise it for an INSERT: callers catch IntegrityError whatever the path.
         raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from None
+
+
+# PostgreSQL types (as SQLAlchemy writes them) that binary COPY takes from the Python values the
+# engine holds for them; any other column keeps the text format, which PostgreSQL parses itself.
+_BINARY = {"VARCHAR": "varchar", "TEXT": "text", "SMALLINT": "int2", "INTEGER": "int4", "BIGINT": "int8",
+           "DATE": "date", "TIMESTAMP WITHOUT TIME ZONE": "timestamp"}
 
 
 class SourceUnavailable(ConnectionProblem):
