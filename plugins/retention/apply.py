@@ -109,7 +109,8 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
                 statement = delete(live).where(condition).returning(*pk)
             else:
                 raise ValueError(f"action {action!r} does not change a source row")
-            changed = set(conn.execute(statement).all())  # rows hash and compare as tuples of their values
+            # As plain tuples: a Row equals a tuple too, but through a Python method (3 µs a lookup, not 0.3).
+            changed = set(map(tuple, conn.execute(statement)))
             done = [planned for planned in group if planned.key in changed]
             entries += _entries(spec, done, run, recorded_at, subjects)
             counts[action] += len(done)

@@ -322,10 +322,10 @@ class AuditStore:
         """Append entries to the chain inside the caller's transaction. Writing the head first takes
         the write lock (a row lock on PostgreSQL, the database lock on SQLite), so concurrent
         writers extend the chain one after the other."""
-        conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
+        seq, prev = conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq)
+                                 .returning(self.head.c.seq, self.head.c.entry_hash)).one()
         if not entries:
             return
-        seq, prev = conn.execute(select(self.head.c.seq, self.head.c.entry_hash)).one()
         seq, prev = chain.chain(entries, seq, prev)
         bulk_insert(conn, self.entries, entries)
         conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
