@@ -48,15 +48,14 @@ def main(argv=None) -> int:
                   f"  peak RSS {result.engine_rss_mb:,.0f} MB  CPU {result.engine_cpu_seconds:,.1f} s\n"
                   f"  baseline    {result.baseline_seconds:8.1f} s  "
                   f"{result.examined / result.baseline_seconds:10,.0f} rows/s", flush=True)
-            print("  enforcement steps (seconds, of which CPU, peak RSS so far): " + ", ".join(
-                f"{s['task_id']} {s['duration']:.1f} s cpu {s['cpu_seconds']:.1f} {s['peak_rss_mb']:,.0f} MB"
-                for s in result.engine_steps), flush=True)
+            _steps("  ", result.engine_steps)
             _verdict("  ", result.ratio, result.mismatches)
             print(f"  next night (as of the day after): {result.night_actions:,} actions "
                   f"({result.night_baseline_actions:,} by the baseline)\n"
                   f"    enforcement {result.night_engine_seconds:8.1f} s  peak RSS {result.night_rss_mb:,.0f} MB"
                   f"  CPU {result.night_cpu_seconds:,.1f} s\n"
                   f"    baseline    {result.night_baseline_seconds:8.1f} s", flush=True)
+            _steps("    ", result.night_steps)
             _verdict("    ", result.night_ratio, result.night_mismatches)
     finally:
         server.stop()
@@ -73,6 +72,12 @@ def main(argv=None) -> int:
         print("END STATES DIFFER: a bug in the enforcement or in the baseline", file=sys.stderr)
         return 1
     return 0
+
+
+def _steps(indent: str, steps: list) -> None:
+    print(f"{indent}enforcement steps (seconds, of which CPU, peak RSS so far): " + ", ".join(
+        f"{s['task_id']} {s['duration']:.1f} s cpu {s['cpu_seconds']:.1f} {s['peak_rss_mb']:,.0f} MB"
+        for s in steps), flush=True)
 
 
 def _verdict(indent: str, ratio: float, mismatches: list) -> None:

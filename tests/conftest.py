@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, insert, select, text
 
 from retention.demo.schema import METADATA
+from retention.sources import RESTORE_MARKER_TABLE  # a random value each run that changes rows: no end state
 from tests.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ class Backend:
 
         state = {}
         for name, engine in self.engines.items():
-            for table in sorted(inspect(engine).get_table_names()):
+            for table in sorted(set(inspect(engine).get_table_names()) - {RESTORE_MARKER_TABLE}):
                 with engine.connect() as conn:
                     rows = [tuple(map(str, r)) for r in conn.execute(text(f'SELECT * FROM "{table}"'))]
                 state[(name, table)] = sorted(rows)
@@ -120,7 +121,7 @@ def outcome(urls: dict[str, str]) -> dict:
     for name in SYSTEMS:
         engine = create_engine(urls[name])
         with engine.connect() as conn:
-            for table in sorted(inspect(conn).get_table_names()):
+            for table in sorted(set(inspect(conn).get_table_names()) - {RESTORE_MARKER_TABLE}):
                 state[f"{name}.{table}"] = sorted(map(repr, conn.execute(text(f'SELECT * FROM "{table}"'))))
         engine.dispose()
     engine = create_engine(urls["audit"])

@@ -433,6 +433,11 @@ def test_pipeline_role_cannot_change_the_trail(backend, request):
         # The restore check of the next run, as the pipeline: temporary tables beside the trail.
         removed = [(n, "fraud_alerts", bytes.fromhex(e["record_hash"])) for n, e in enumerate(entries(backend))]
         assert [n for n, _ in AuditStore(pipeline, create=False).prior_removals("crm", removed)] == [0, 1]
+        # And the restore marks it leaves for the next run's check (restore_marks).
+        marks = list(AuditStore(pipeline, create=False).restore_marks_of("crm").values())
+        assert marks
+        AuditStore(pipeline, create=False).save_restore_marks("crm", marks)
+        assert list(AuditStore(pipeline, create=False).restore_marks_of("crm").values()) == marks
         for statement in ("UPDATE retention_audit SET reason = 'x'", "DELETE FROM retention_audit",
                           "TRUNCATE retention_audit", "DELETE FROM retention_audit_checkpoints"):
             with pytest.raises(DBAPIError, match="permission denied"):

@@ -20,3 +20,6 @@ def test_enforcement_and_hand_written_sql_leave_the_same_sources(postgres):
     # The next night too: the nightly figure compares like with like.
     assert result.night_mismatches == []
     assert result.night_actions == result.night_baseline_actions > 0
+    # Each night's steps are printed: where the nightly time goes.
+    for steps in (result.engine_steps, result.night_steps):
+        assert {"marketing.extract", "crm.decide", "accounting.apply"} <= {s["task_id"] for s in steps}

@@ -92,6 +92,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
     recorded_at = audit.now()
     subjects: dict = {}
     with sources.engine(spec.system).begin() as conn:
+        sources.touch_restore_marker(conn, spec.system)  # a restore of the source to before this shows
         for (action, archived, fields), group in groups.items():
             target = archive if archived else live
             keys = [p.key for p in group]

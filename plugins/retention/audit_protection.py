@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
-from .audit import AUDIT_TABLE, CHECKPOINTS_TABLE, HEAD_TABLE, RUNS_TABLE, AuditStore
+from .audit import AUDIT_TABLE, CHECKPOINTS_TABLE, HEAD_TABLE, RESTORE_MARKS_TABLE, RUNS_TABLE, AuditStore
 
 _TRIGGER_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION retention_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -25,6 +25,7 @@ class ProtectionUnsupported(Exception):
 
 def statements(pipeline_role: str, reader_role: str | None, quote) -> list[str]:
     pipeline = quote(pipeline_role)
+    tables = ", ".join((AUDIT_TABLE, HEAD_TABLE, CHECKPOINTS_TABLE, RUNS_TABLE, RESTORE_MARKS_TABLE))
     sql = [
         _TRIGGER_FUNCTION,
         f"DROP TRIGGER IF EXISTS retention_audit_append_only ON {AUDIT_TABLE}",
@@ -33,16 +34,17 @@ def statements(pipeline_role: str, reader_role: str | None, quote) -> list[str]:
         f"DROP TRIGGER IF EXISTS retention_audit_no_truncate ON {AUDIT_TABLE}",
         f"CREATE TRIGGER retention_audit_no_truncate BEFORE TRUNCATE ON {AUDIT_TABLE} "
         "FOR EACH STATEMENT EXECUTE FUNCTION retention_audit_append_only()",
-        f"REVOKE ALL ON {AUDIT_TABLE}, {HEAD_TABLE}, {CHECKPOINTS_TABLE}, {RUNS_TABLE} FROM PUBLIC",
-        f"REVOKE ALL ON {AUDIT_TABLE}, {HEAD_TABLE}, {CHECKPOINTS_TABLE}, {RUNS_TABLE} FROM {pipeline}",
+        f"REVOKE ALL ON {tables} FROM PUBLIC",
+        f"REVOKE ALL ON {tables} FROM {pipeline}",
         f"GRANT SELECT, INSERT ON {AUDIT_TABLE} TO {pipeline}",
         f"GRANT SELECT, UPDATE ON {HEAD_TABLE} TO {pipeline}",
         f"GRANT SELECT ON {CHECKPOINTS_TABLE} TO {pipeline}",
         f"GRANT SELECT, INSERT, UPDATE ON {RUNS_TABLE} TO {pipeline}",
+        f"GRANT SELECT, INSERT, DELETE ON {RESTORE_MARKS_TABLE} TO {pipeline}",
     ]
     if reader_role:
         reader = quote(reader_role)
-        sql.append(f"GRANT SELECT ON {AUDIT_TABLE}, {HEAD_TABLE}, {CHECKPOINTS_TABLE}, {RUNS_TABLE} TO {reader}")
+        sql.append(f"GRANT SELECT ON {tables} TO {reader}")
     return sql
 
 

@@ -29,10 +29,11 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import sort_tables
 
 from . import audit as audit_mod
-from . import guard, report
+from . import guard, report, restore_marks
 from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
@@ -100,18 +101,25 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
     millions of rows), the rows whose decision is to keep them as they are are not read, only counted
     per signature into the `kept` file, for the decide step's tally. Unless a record the trail says
     was removed is in the table again (a restored backup): then every row is read, for the decide
-    step to find it."""
+    step to find it. On PostgreSQL that check reads only the rows written since the last run's
+    changes, unless the source may have been rolled back (restore_marks)."""
     removed = store.removed_tables(system) if store is not None else set()
     examined = 0
+    rows_checked: Counter = Counter()
     with (Extraction(sources, system) as extraction,
           staging.BatchWriter(_staging(run, system, "facts")) as out,
           staging.BatchWriter(_staging(run, system, "kept")) as kept_out):
-        for spec in deletion_order(sources, rules.system(system)):
+        tables = deletion_order(sources, rules.system(system))
+        state, checks = _restore_checks(extraction, sources, store, system, [t.name for t in tables], removed)
+        for spec in tables:
             decider = _Decider(spec, run.as_of, rules.settings)
             for archived in (False, True):
                 kept = None
-                if spec.name in removed and not _restored(extraction, store, spec, archived, key):
-                    kept = _Kept(kept_out, decider, archived)
+                if spec.name in removed:
+                    restored, checked = _restored(extraction, store, spec, archived, key, checks[spec.name].since)
+                    rows_checked[spec.name] += checked
+                    if not restored:
+                        kept = _Kept(kept_out, decider, archived)
                 for batch in extraction.batches(spec, run.batch_size, archived=archived, key=key, wanted=kept):
                     out.write(spec.name, batch)
                     examined += len(batch)
@@ -122,21 +130,45 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
                     examined += kept.rows
                     if progress and kept.rows:
                         progress(system, spec.name, kept.rows)
+            if spec.name in removed:
+                check = checks[spec.name]
+                log.info("restore check of %s.%s: %d rows, %s", system, spec.name, rows_checked[spec.name],
+                         "those written since the last run" if check.since is not None else f"every one ({check.why_full})")
+    if state is not None:
+        staging.write_json(_staging(run, system, "restore_marks", ".json"),
+                           restore_marks.staged_marks(state, checks))
     log.info("examined %d rows of %s", examined, system)
     return examined
 
 
+def _restore_checks(extraction: Extraction, sources: Sources, store: audit_mod.AuditStore | None, system: str,
+                    tables: list[str], removed: set) -> tuple:
+    """(the source's state, None where the rows checked cannot be narrowed; each table's check),
+    read before any table is: restore_marks."""
+    state = None
+    if store is not None and restore_marks.supported(extraction.conn):
+        try:
+            state = restore_marks.source_state(extraction.conn, sources.restore_marker(system))
+        except DBAPIError as exc:  # e.g. a managed server that hides pg_control_system(): check every row
+            extraction.conn.rollback()
+            log.warning("the restore check of %s reads every row: %s", system, str(exc.orig).strip().splitlines()[0])
+        extraction.conn.commit()  # a table's reading may need a transaction of its own kind
+    return state, restore_marks.checks(state, store.restore_marks_of(system) if state else {}, tables, removed,
+                                       audit_mod.now())
+
+
 def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSpec, archived: bool,
-              key: bytes) -> bool:
+              key: bytes, since: int | None = None) -> tuple[bool, int]:
     """Whether a record the trail says was removed is back in the table (or its archive) so that
     it must be acted on again even where its own decision keeps it: present after its deletion, or
     with a field it was stripped of filled again (`reapply_after_restore`, asked about a row kept
-    as it is; a stripped row is in the trail and still in its table: only its fields tell)."""
+    as it is; a stripped row is in the trail and still in its table: only its fields tell). Only
+    the rows written from transaction `since` on, when given. Also returns how many rows it checked."""
     filled = array("B" if len(spec.strip_fields) <= 8 else "Q")  # per row: bit i when strip_fields[i] has a value
 
     def records():
         digest = audit_mod.record_digests(key, spec.system, spec.name)
-        for batch in extraction.keys(spec, archived):
+        for batch in extraction.keys(spec, archived, since=since):
             for row_key, fields in batch:
                 filled.append(fields)
                 yield len(filled) - 1, spec.name, digest(row_key)
@@ -145,8 +177,8 @@ def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSp
         for ordinal, prior in found:
             present = [f for i, f in enumerate(spec.strip_fields) if filled[ordinal] >> i & 1]
             if reapply_after_restore(_KEPT_AS_IS, present, prior).replayed:
-                return True
-    return False
+                return True, len(filled)
+    return False, len(filled)
 
 
 _KEPT_AS_IS = Decision(KEEP, (), "")
@@ -574,6 +606,11 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
                  key: bytes, progress: Progress | None = None) -> Counter:
     """Act on one system's decisions in batches, then publish its audit entries."""
     store.publish(sources, system)  # entries a crashed run left in the outbox come first
+    marks = _staging(run, system, "restore_marks", ".json")
+    staged = staging.read_json(marks) if marks.exists() else None
+    if staged is not None:
+        sources.restore_marker(system, create=True)
+        sources.restore_tokens[system] = staged["token"]  # as the extraction found it
     expired = sources.purge_suppression(system, run.as_of)
     if expired:
         log.info("%d suppression-list entries of %s reached the end of their period and were removed", expired, system)
@@ -607,6 +644,11 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
         store.clear_outbox(sources, system, in_outbox)
     if statistics is not None:
         _publish_releases(statistics, store, spec, run, key, releases)
+    if staged is not None and sources.restore_tokens[system] not in (None, staged["token"]):
+        # A night that changed nothing leaves the marks as they were (they then check more rows,
+        # never fewer): its own would need a new marker value, a write to a source it left alone.
+        store.save_restore_marks(system, restore_marks.marks_to_leave(staged, sources.restore_tokens[system],
+                                                                      run.run_id))
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
     staging.write_json(_staging(run, system, "applied", ".json"), dict(done))
     return done

@@ -11,11 +11,13 @@ from sqlalchemy import (Column, Date, DateTime, Engine, Index, Integer, MetaData
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchTableError, OperationalError, ProgrammingError, SQLAlchemyError
 
+from . import restore_marks
 from .connections import ConnectionProblem, describe, env_var, make_engine, resolve_url
 from .rules import Rules
 
 OUTBOX_TABLE = "retention_audit_outbox"
 SUPPRESSION_TABLE = "retention_suppression"  # keyed hashes of people who objected: never contact again
+RESTORE_MARKER_TABLE = "retention_restore_marker"  # see restore_marks
 ARCHIVE_PREFIX = "retention_archive__"
 ARCHIVED_ON = "retention_archived_on"
 
@@ -127,6 +129,8 @@ class Sources:
         # Which tables exist, asked once per run: archives are looked for in every batch. Tables
         # appear only through this object (archive, outbox, suppression list), which records them.
         self._exists: dict[tuple, bool] = {}
+        # Per system: the value its marker should hold (touch_restore_marker); None once it did not.
+        self.restore_tokens: dict[str, str | None] = {}
 
     def url(self, system: str) -> str:
         spec = self.rules.system(system)
@@ -232,6 +236,33 @@ class Sources:
                   Column("expires_on", Date, nullable=False))
             self._created(system, metadata)
         return self.table(system, SUPPRESSION_TABLE)
+
+    def restore_marker(self, system: str, create: bool = False) -> Table | None:
+        """One row whose value changes with every transaction that removes rows (restore_marks)."""
+        if not self.has_table(system, RESTORE_MARKER_TABLE):
+            if not create:
+                return None
+            metadata = MetaData()
+            marker = Table(RESTORE_MARKER_TABLE, metadata, Column("id", Integer, primary_key=True),
+                           Column("token", String(32), nullable=False))
+            self._created(system, metadata)
+            try:
+                with self.engine(system).begin() as conn:
+                    conn.execute(marker.insert().values(id=1, token=""))
+            except IntegrityError:
+                pass  # another process made it first
+        return self.table(system, RESTORE_MARKER_TABLE)
+
+    def touch_restore_marker(self, conn, system: str) -> None:
+        """In a transaction that removes rows: the system's marker, where it has one, takes a new
+        value. Each change expects the value the one before left (or the extraction read): if the
+        marker holds another, the source changed underneath (a restore while the run went on), and
+        `restore_tokens` keeps None, so that the run leaves no marks."""
+        marker = self.restore_marker(system)
+        if marker is not None:
+            previous, token = restore_marks.touch(conn, marker)
+            expected = self.restore_tokens.get(system, previous)
+            self.restore_tokens[system] = token if expected == previous else None
 
     def purge_suppression(self, system: str, as_of) -> int:
         """The suppression list has its own period: entries past it go."""
