@@ -11,7 +11,6 @@ import subprocess
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-import pytest
 from sqlalchemy import text
 
 from retention.restore_marks import Check, SourceState, checks, marks_to_leave, staged_marks
