@@ -126,8 +126,8 @@ class Sources:
         self.use_airflow = use_airflow
         self._engines: dict[str, Engine] = {}
         self._metadata: dict[str, MetaData] = {}
-        # Which tables exist, asked once per run: archives are looked for in every batch. Tables
-        # appear only through this object (archive, outbox, suppression list), which records them.
+        # Which tables exist, asked once per run: archives are looked for in every batch. Tables appear
+        # only through this object (archive, outbox, suppression list, restore marker), which records them.
         self._exists: dict[tuple, bool] = {}
         # Per system: the value its marker should hold (touch_restore_marker); None once it did not.
         self.restore_tokens: dict[str, str | None] = {}
