@@ -253,6 +253,16 @@ def test_prior_removals_finds_each_record_s_latest_removal_in_one_pass(trail):
     assert list(store.prior_removals("marketing", iter(records))) == []
 
 
+def test_removed_tables_names_those_of_the_given_tables_with_a_removal_in_the_system(trail):
+    store = AuditStore.open(create=False)
+    deleted = entries(trail)[0]
+    insert_entries(trail, [dict(deleted, entry_id="e" * 64, seq=100, table_name="contacts", action="hold_added"),
+                           dict(deleted, entry_id="f" * 64, seq=101, system="marketing", table_name="consents")])
+    assert store.removed_tables("crm", ["fraud_alerts", "contacts", "customers"]) == {"fraud_alerts"}
+    assert store.removed_tables("crm", ["contacts"]) == set()  # an entry, but not a removal
+    assert store.removed_tables("marketing", ["fraud_alerts", "consents"]) == {"consents"}
+
+
 def test_a_run_checks_the_whole_chain_then_only_what_follows_the_last_published_head(trail):
     [first] = [json.loads(r["summary"]) for r in trail.rows("audit", "retention_runs")]
     assert first["audit_verification"] == {**first["audit_verification"], "ok": True, "scope": "full", "entries": 7}

@@ -430,14 +430,17 @@ class AuditStore:
             if marks:
                 conn.execute(insert(m), [dict(mark, system=system) for mark in marks])
 
-    def removed_tables(self, system: str) -> set:
-        """Tables of the system with at least one removal recorded."""
+    def removed_tables(self, system: str, tables: Iterable[str]) -> set:
+        """Those of `tables` with at least one removal recorded in the system. One probe of the
+        record index per table: a DISTINCT over the system's entries read the whole trail (1 to 2 s
+        for 2.4 million entries, twice per system each night, growing with the years kept)."""
         if not self.exists:
             return set()
         e = self.entries
         with self.engine.connect() as conn:
-            return set(conn.scalars(select(e.c.table_name).distinct()
-                                    .where(e.c.system == system, e.c.action.in_(REMOVALS))))
+            return {table for table in tables
+                    if conn.scalar(select(e.c.seq).where(e.c.system == system, e.c.table_name == table,
+                                                         e.c.action.in_(REMOVALS)).limit(1)) is not None}
 
     def prior_removals(self, system: str, records: Iterable[tuple[int, str, bytes]],
                        page: int = 20_000) -> Iterator[tuple[int, tuple]]:

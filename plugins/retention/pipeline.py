@@ -103,13 +103,13 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
     was removed is in the table again (a restored backup): then every row is read, for the decide
     step to find it. On PostgreSQL that check reads only the rows written since the last run's
     changes, unless the source may have been rolled back (restore_marks)."""
-    removed = store.removed_tables(system) if store is not None else set()
     examined = 0
     rows_checked: Counter = Counter()
     with (Extraction(sources, system) as extraction,
           staging.BatchWriter(_staging(run, system, "facts")) as out,
           staging.BatchWriter(_staging(run, system, "kept")) as kept_out):
         tables = deletion_order(sources, rules.system(system))
+        removed = store.removed_tables(system, [t.name for t in tables]) if store is not None else set()
         state, checks = _restore_checks(extraction, sources, store, system, [t.name for t in tables], removed)
         for spec in tables:
             decider = _Decider(spec, run.as_of, rules.settings)
@@ -331,7 +331,7 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
     facts = _staging(run, system, "facts")
     # Only records of a table with a removal in the trail can have been brought back by a restore:
     # those are checked against the trail at once, and the few found met again by their ordinal.
-    removed = store.removed_tables(system) if store is not None else set()
+    removed = store.removed_tables(system, spec.tables) if store is not None else set()
     restored = store.prior_removals(system, _record_digests(facts, system, removed, key)) if removed else iter(())
     found = next(restored, None)
     ordinal = -1
