@@ -433,14 +433,17 @@ class AuditStore:
     def removed_tables(self, system: str, tables: Iterable[str]) -> set:
         """Those of `tables` with at least one removal recorded in the system. One probe of the
         record index per table: a DISTINCT over the system's entries read the whole trail (1 to 2 s
-        for 2.4 million entries, twice per system each night, growing with the years kept)."""
+        for 2.4 million entries, twice per system each night, growing with the years kept). Ordered
+        by the index, else PostgreSQL expects a match early in a scan of the trail, where a night
+        appends its entries at the end (5 s at 9.6 million)."""
         if not self.exists:
             return set()
         e = self.entries
         with self.engine.connect() as conn:
             return {table for table in tables
-                    if conn.scalar(select(e.c.seq).where(e.c.system == system, e.c.table_name == table,
-                                                         e.c.action.in_(REMOVALS)).limit(1)) is not None}
+                    if conn.scalar(select(e.c.record_hash).where(e.c.system == system, e.c.table_name == table,
+                                                                 e.c.action.in_(REMOVALS))
+                                   .order_by(e.c.record_hash).limit(1)) is not None}
 
     def prior_removals(self, system: str, records: Iterable[tuple[int, str, bytes]],
                        page: int = 20_000) -> Iterator[tuple[int, tuple]]:
