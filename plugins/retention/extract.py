@@ -15,9 +15,11 @@ caller wants (those whose decision changes something) are read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
-from sqlalchemy import Column, Integer, MetaData, Table, and_, case, func, insert, literal, or_, select, union_all
+from sqlalchemy import (Column, Integer, MetaData, String, Table, and_, case, cast, func, insert, literal, or_, select,
+                        union_all)
 from sqlalchemy.exc import CompileError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -135,15 +137,19 @@ class Extraction:
         pk = [rows.c[name] for name in spec.primary_key]
         signature = ([rows.c[f"__event__{e}"] for e in range(events)]
                      + [rows.c[presence_label(f)] for f in spec.strip_fields])
-        grouped = self.conn.execute(select(*signature, func.count()).group_by(*signature),
+        # The rows of the accepted signatures are found by one key, the signature's codes as text:
+        # joined on each code, PostgreSQL took the join for a very selective one, made it before the
+        # last aggregates and met 24 million pairs there (52 s instead of 10 at scale 4).
+        key = _joined_text([cast(func.coalesce(column, NEVER), String) for column in signature])
+        grouped = self.conn.execute(select(*signature, func.min(key), func.count()).group_by(*signature),
                                     execution_options={"stream_results": True, "yield_per": 20_000})
         accepted, rejected = [], False
-        for *codes, count in grouped:  # a table's signatures are counted by the hundred thousand
+        for *codes, text, count in grouped:  # a table's signatures are counted by the hundred thousand
             if count == 0:  # the one group of a signature without columns, over no rows
                 continue
             present = tuple(f for f, filled in zip(spec.strip_fields, codes[events:]) if filled)
             if wanted(tuple(codes[:events]), present, count):
-                accepted.append([NEVER if code is None else code for code in codes])
+                accepted.append(text)
             else:
                 rejected = True
         if not accepted:
@@ -152,14 +158,12 @@ class Extraction:
             return select(*rows.c), pk
         self.filters += 1
         needed = Table(f"retention_wanted_{self.filters}", self.metadata,
-                       *[Column(f"s{i}", Integer, nullable=False) for i in range(len(signature))],
-                       prefixes=["TEMPORARY"])
+                       Column("signature", String, primary_key=True), prefixes=["TEMPORARY"])
         needed.create(self.conn)
-        bulk_insert(self.conn, needed, [{f"s{i}": code for i, code in enumerate(codes)} for codes in accepted])
+        bulk_insert(self.conn, needed, [{"signature": text} for text in accepted])
         if self.conn.dialect.name == "postgresql":
             self.conn.exec_driver_sql(f"ANALYZE {needed.name}")
-        match = and_(*[func.coalesce(column, NEVER) == needed.c[f"s{i}"] for i, column in enumerate(signature)])
-        return select(*rows.c).select_from(rows.join(needed, match)), pk
+        return select(*rows.c).select_from(rows.join(needed, key == needed.c.signature)), pk
 
     def _query(self, spec: TableSpec, table: Table):
         """The batch query: the row's own columns, its lookups, and the code of each used event
@@ -243,6 +247,11 @@ class Extraction:
         self.conn.commit()
         self.staged[rel] = staged
         return staged
+
+
+def _joined_text(parts: list):
+    """The SQL text of `parts` (text expressions) joined with commas."""
+    return functools.reduce(lambda joined, part: joined + "," + part, parts) if parts else literal("")
 
 
 class day_ordinal(FunctionElement):
