@@ -504,9 +504,9 @@ class AuditStore:
         """The first 64 bits of the record hash of each removal of the system, sorted: the records
         checked are sent to the store's join only when theirs is among them. A check may be of every
         record of a table (SQLite, or a source that may have been restored); sending all their hashes
-        over took most of it. The
-        database joins their hex prefixes into one string per range of entries: a Python row per
-        removal took 14 s for the 1.5 million of the benchmark's marketing system."""
+        over took most of it. The database joins their hex prefixes into one string per range of
+        entries: a Python row per removal took 14 s for the 1.5 million of the benchmark's marketing
+        system."""
         import numpy as np
 
         head = self.chain_head()[0]
