@@ -109,8 +109,9 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
           staging.BatchWriter(_staging(run, system, "facts")) as out,
           staging.BatchWriter(_staging(run, system, "kept")) as kept_out):
         tables = deletion_order(sources, rules.system(system))
-        removed = store.removed_tables(system, [t.name for t in tables]) if store is not None else set()
-        state, checks = _restore_checks(extraction, sources, store, system, [t.name for t in tables], removed)
+        names = [t.name for t in tables]
+        removed = store.removed_tables(system, names) if store is not None else set()
+        state, checks = _restore_checks(extraction, sources, store, system, names, removed)
         for spec in tables:
             decider = _Decider(spec, run.as_of, rules.settings)
             for archived in (False, True):
