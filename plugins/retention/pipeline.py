@@ -99,15 +99,14 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
 
     In a table the trail shows an earlier run acted on (the nightly case: a few changes among
     millions of rows), the rows whose decision is to keep them as they are are not read, only counted
-    per signature into the `kept` file, for the decide step's tally. Unless a record the trail says
+    per signature into the `kept` tally, which the decide step adds to its own. Unless a record the trail says
     was removed is in the table again (a restored backup): then every row is read, for the decide
     step to find it. On PostgreSQL that check reads only the rows written since the last run's
     changes, unless the source may have been rolled back (restore_marks)."""
     examined = 0
     rows_checked: Counter = Counter()
-    with (Extraction(sources, system) as extraction,
-          staging.BatchWriter(_staging(run, system, "facts")) as out,
-          staging.BatchWriter(_staging(run, system, "kept")) as kept_out):
+    counted = Tally()
+    with Extraction(sources, system) as extraction, staging.BatchWriter(_staging(run, system, "facts")) as out:
         tables = deletion_order(sources, rules.system(system))
         names = [t.name for t in tables]
         removed = store.removed_tables(system, names) if store is not None else set()
@@ -120,14 +119,13 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
                     restored, checked = _restored(extraction, store, spec, archived, key, checks[spec.name].since)
                     rows_checked[spec.name] += checked
                     if not restored:
-                        kept = _Kept(kept_out, decider, archived)
+                        kept = _Kept(counted, decider, archived, rules, run)
                 for batch in extraction.batches(spec, run.batch_size, archived=archived, key=key, wanted=kept):
                     out.write(spec.name, batch)
                     examined += len(batch)
                     if progress:
                         progress(system, spec.name, len(batch))
                 if kept is not None:
-                    kept.flush()
                     examined += kept.rows
                     if progress and kept.rows:
                         progress(system, spec.name, kept.rows)
@@ -135,6 +133,7 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
                 check = checks[spec.name]
                 log.info("restore check of %s.%s: %d rows, %s", system, spec.name, rows_checked[spec.name],
                          "those written since the last run" if check.since is not None else f"every one ({check.why_full})")
+    staging.write_json(_staging(run, system, "kept", ".json"), counted.to_json())
     if state is not None:
         staging.write_json(_staging(run, system, "restore_marks", ".json"),
                            restore_marks.staged_marks(state, checks))
@@ -187,32 +186,24 @@ _KEPT_AS_IS = Decision(KEEP, (), "")
 
 class _Kept:
     """The signature filter of a table (an extract.Wanted): a signature's rows are read unless they
-    are kept as they are; the decision and count of those go to the `kept` file instead, a few
-    thousand at a time (the decision, because the tally needs it and taking it again would cost
-    what not reading saved). A hold only ever turns a change into a smaller one or into keeping,
-    so a row kept without one is kept with one: holds are looked up in decide, for the rows read.
-    Report-only rules' would-be actions depend on holds: those rows are read too."""
+    are kept as they are; those are counted into `tally` instead, at once (staging their decisions
+    for the decide step cost more than counting: hundreds of thousands of signatures a night). A
+    hold only ever turns a change into a smaller one or into keeping, so a row kept without one is
+    kept with one: holds are looked up in decide, for the rows read. Report-only rules' would-be
+    actions depend on holds: those rows are read too."""
 
-    FLUSH = 5000
-
-    def __init__(self, out: staging.BatchWriter, decider: "_Decider", archived: bool):
-        self.out, self.decider, self.archived = out, decider, archived
-        self.pending: list = []
+    def __init__(self, tally: "Tally", decider: "_Decider", archived: bool, rules: Rules, run: Run):
+        self.tally, self.decider, self.archived, self.rules, self.run = tally, decider, archived, rules, run
         self.rows = 0
 
     def __call__(self, events: tuple, present: tuple, rows: int) -> bool:
         decision = self.decider(events, present, self.archived, None)
         if decision.action != KEEP or decision.report_only_rules:
             return True
-        self.pending.append((decision, rows))
+        table = self.decider.table
+        _count(self.tally, self.rules, self.run, table.system, table.name, decision, rows)
         self.rows += rows
-        if len(self.pending) >= self.FLUSH:
-            self.flush()
         return False
-
-    def flush(self) -> None:
-        self.out.write(self.decider.table.name, self.pending)
-        self.pending = []
 
 
 def deletion_order(sources: Sources, system: SystemSpec) -> list[TableSpec]:
@@ -325,7 +316,7 @@ class Tally:
 def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                   store: audit_mod.AuditStore | None) -> Tally:
     """Decide every extracted row of one system; writes the rows to act on, returns the tally, which
-    also counts the rows extraction only counted (the `kept` file: decided there, kept as they are).
+    also counts the rows extraction only counted (the `kept` tally: decided there, kept as they are).
     Rows the audit trail says were already removed (a restored backup) are removed again."""
     spec = rules.system(system)
     tally = Tally()
@@ -378,9 +369,7 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
             out.write(table_name, planned)
         if decider is not None:
             _count_all(tally, rules, run, system, decider.table.name, counted)
-    for table_name, signatures in staging.read_batches(_staging(run, system, "kept")):
-        for decision, n in signatures:
-            _count(tally, rules, run, system, table_name, decision, n)
+    tally.merge(Tally.from_json(staging.read_json(_staging(run, system, "kept", ".json"))))
     staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return tally
 
