@@ -2,10 +2,10 @@
 
 Each related value a system's rules read (the latest contract end of a customer, the latest click of
 a subscriber...) is aggregated once per run, in SQL, into a temporary table of the system's database
-(copied there when the related table lives in another system). Rows are then read in key-range
-batches (keyset pagination), each batch one query joining those aggregates, so the database does the
-lookups, and memory stays bounded by the batch size whatever the table size. Facts are plain tuples
-(see `FactRow`): a first run extracts millions of them.
+(copied there when the related table lives in another system). Rows are then read by one streamed
+query per table joining those aggregates, so the database does the lookups, and memory stays
+bounded by the batch size whatever the table size. Facts are plain tuples (see `FactRow`): a first
+run extracts millions of them.
 
 A row's decision depends only on its signature: the codes of its events and which of its strippable
 fields are filled (its archive state and legal hold aside). On a night when a few rows change among
@@ -59,7 +59,8 @@ class Extraction:
         self.sources, self.system = sources, system
         self.metadata = MetaData()
         self.staged: dict[Related, Table] = {}
-        self.filters = 0  # temporary tables of wanted signatures made so far (each needs its own name)
+        self.filters = 0  # reads by signature so far (each names its temporary tables)
+        self.scratch: list[Table] = []  # the temporary tables of the current read
 
     def __enter__(self) -> "Extraction":
         self.conn = self.sources.engine(self.system).connect()
@@ -82,7 +83,7 @@ class Extraction:
                 self.conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             query, pk = self._only(query, spec, len(events), wanted)
             if query is None:
-                self.conn.commit()
+                self._end_read()
                 return
         query = query.order_by(*pk)
         at = {name: i for i, name in enumerate(query.selected_columns.keys())}
@@ -106,6 +107,12 @@ class Extraction:
                  tuple(row[i] for i in event_at))
                 for row in rows
             ]
+        self._end_read()
+
+    def _end_read(self) -> None:
+        self.conn.commit()
+        while self.scratch:
+            self.scratch.pop().drop(self.conn)
         self.conn.commit()
 
     def keys(self, spec: TableSpec, archived: bool = False, batch_size: int = 20_000,
@@ -131,17 +138,25 @@ class Extraction:
 
     def _only(self, query, spec: TableSpec, events: int, wanted: Wanted):
         """The batch query restricted to the signatures `wanted` accepts, or None when it accepts
-        none, with the primary key columns to order it by. The signatures and their counts come from
-        one GROUP BY of the same query; the accepted ones go to a temporary table joined to it."""
+        none, with the primary key columns to order it by. One pass through the query's joins keeps
+        each row's key and signature in a temporary table, where the signatures are counted; the
+        rows of the accepted ones are then read by key. Counting with a GROUP BY of the query, then
+        reading the accepted rows through its joins again, went through every row twice."""
         rows = query.subquery()
         pk = [rows.c[name] for name in spec.primary_key]
         signature = ([rows.c[f"__event__{e}"] for e in range(events)]
                      + [rows.c[presence_label(f)] for f in spec.strip_fields])
-        # The rows of the accepted signatures are found by one key, the signature's codes as text:
-        # joined on each code, PostgreSQL took the join for a very selective one, made it before the
-        # last aggregates and met 24 million pairs there (52 s instead of 10 at scale 4).
+        # A signature is matched by one key, its codes as text: joined on each code, PostgreSQL took
+        # the join for a very selective one and made it too early (24 million pairs at scale 4).
         key = _joined_text([cast(func.coalesce(column, NEVER), String) for column in signature])
-        grouped = self.conn.execute(select(*signature, func.min(key), func.count()).group_by(*signature),
+        self.filters += 1
+        seen = self._scratch(Table(f"retention_signatures_{self.filters}", self.metadata,
+                                   *[Column(c.name, c.type) for c in pk],
+                                   *[Column(f"s{i}", Integer) for i in range(len(signature))],
+                                   Column("signature", String, nullable=False), prefixes=["TEMPORARY"]))
+        codes_of = [seen.c[f"s{i}"] for i in range(len(signature))]
+        self.conn.execute(insert(seen).from_select([c.name for c in seen.c], select(*pk, *signature, key)))
+        grouped = self.conn.execute(select(*codes_of, func.min(seen.c.signature), func.count()).group_by(*codes_of),
                                     execution_options={"stream_results": True, "yield_per": 20_000})
         accepted, rejected = [], False
         for *codes, text, count in grouped:  # a table's signatures are counted by the hundred thousand
@@ -156,14 +171,21 @@ class Extraction:
             return None, pk
         if not rejected:
             return select(*rows.c), pk
-        self.filters += 1
-        needed = Table(f"retention_wanted_{self.filters}", self.metadata,
-                       Column("signature", String, primary_key=True), prefixes=["TEMPORARY"])
-        needed.create(self.conn)
+        needed = self._scratch(Table(f"retention_wanted_{self.filters}", self.metadata,
+                                     Column("signature", String, primary_key=True), prefixes=["TEMPORARY"]))
         bulk_insert(self.conn, needed, [{"signature": text} for text in accepted])
         if self.conn.dialect.name == "postgresql":
-            self.conn.exec_driver_sql(f"ANALYZE {needed.name}")
-        return select(*rows.c).select_from(rows.join(needed, key == needed.c.signature)), pk
+            self.conn.exec_driver_sql(f"ANALYZE {seen.name}, {needed.name}")
+        chosen = (select(*[seen.c[c.name] for c in pk])
+                  .join(needed, seen.c.signature == needed.c.signature).subquery())
+        match = and_(*[c == chosen.c[c.name] for c in pk])
+        return select(*rows.c).select_from(rows.join(chosen, match)), pk
+
+    def _scratch(self, table: Table) -> Table:
+        """A temporary table for one read, dropped when it ends (`batches`)."""
+        table.create(self.conn)
+        self.scratch.append(table)
+        return table
 
     def _query(self, spec: TableSpec, table: Table):
         """The batch query: the row's own columns, its lookups, and the code of each used event
