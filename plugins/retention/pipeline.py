@@ -98,11 +98,11 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
     """Write the facts of the mapped rows (live and archived) of one system. Returns rows examined.
 
     In a table the trail shows an earlier run acted on (the nightly case: a few changes among
-    millions of rows), the rows whose decision is to keep them as they are are not read, only counted
-    per signature into the `kept` tally, which the decide step adds to its own. Unless a record the trail says
-    was removed is in the table again (a restored backup): then every row is read, for the decide
-    step to find it. On PostgreSQL that check reads only the rows written since the last run's
-    changes, unless the source may have been rolled back (restore_marks)."""
+    millions of rows), the rows whose decision is to keep them as they are are not read, only
+    counted per signature into the `kept` tally, which the decide step adds to its own. Unless a
+    record the trail says was removed is in the table again (a restored backup): then every row is
+    read, for the decide step to find it. On PostgreSQL that check reads only the rows written
+    since the last run's changes, unless the source may have been rolled back (restore_marks)."""
     examined = 0
     rows_checked: Counter = Counter()
     counted = Tally()
