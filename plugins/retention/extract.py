@@ -28,7 +28,7 @@ from . import restore_marks
 from .audit import identifier_hash
 from .decide import ONGOING
 from .rules import Related, TableSpec, used_events
-from .sources import Sources, bulk_insert
+from .sources import Sources, bulk_insert, copy_rows
 
 DEFAULT_BATCH = 2000
 STAGED_PREFIX = "retention_related_"
@@ -259,11 +259,9 @@ class Extraction:
         staged.create(self.conn)
         if rel.system == self.system:
             self.conn.execute(insert(staged).from_select(["link", "latest", "nulls"], aggregate))
-        else:  # no joins across databases: the aggregate is copied over, a chunk at a time
+        else:  # no joins across databases: the aggregate is copied over
             with self.sources.engine(rel.system).connect() as other:
-                result = other.execute(aggregate, execution_options={"stream_results": True, "yield_per": 20_000})
-                for chunk in result.partitions():
-                    bulk_insert(self.conn, staged, [dict(link=a, latest=b, nulls=c) for a, b, c in chunk])
+                copy_rows(other, aggregate, self.conn, staged)
         if self.conn.dialect.name == "postgresql":
             self.conn.exec_driver_sql(f"ANALYZE {staged.name}")  # temporary tables are never auto-analysed
         self.conn.commit()
