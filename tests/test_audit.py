@@ -243,14 +243,18 @@ def test_prior_removals_finds_each_record_s_latest_removal_in_one_pass(trail):
                (40, "fraud_alerts", deleted[4]["record_hash"])]
     records = [(n, table, bytes.fromhex(h)) for n, table, h in records]
     expected = [(5, "delete", None), (9, "strip", "iban"), (12, "delete", None), (40, "delete", None)]
-    for digest_range in (store.DIGEST_RANGE, 2):  # the removals' digests read at once, then in many ranges
+    low, head = store._span()
+    # All records sent as they come (few against the trail), the first page of two only, or none:
+    # the removals' digests are read then, at once or in many ranges.
+    for share, digest_range in ((1000, None), (2 / (head - low), store.DIGEST_RANGE), (0, store.DIGEST_RANGE), (0, 2)):
         store = AuditStore.open(create=False)
-        store.DIGEST_RANGE = digest_range
+        store.UNFILTERED_SHARE, store.DIGEST_RANGE = share, digest_range
         for _ in range(2):  # its temporary tables are gone afterwards: the pooled connection serves again
             found = list(store.prior_removals("crm", iter(records), page=2))
             assert [(o, p[0], p[1]) for o, p in found] == expected
             assert all(p[3] == deleted[0]["run_id"] and str(p[2]) == "2020-01-01" for _, p in found)
-    assert list(store.prior_removals("marketing", iter(records))) == []
+        assert store._digests[0] == (None if digest_range is None else "crm")
+        assert list(store.prior_removals("marketing", iter(records))) == []
 
 
 def test_removed_tables_names_those_of_the_given_tables_with_a_removal_in_the_system(trail):

@@ -449,20 +449,21 @@ class AuditStore:
                        page: int = 20_000) -> Iterator[tuple[int, tuple]]:
         """(ordinal, (action, fields, as_of, run_id)) of the latest removal recorded for each of
         `records` ((ordinal, table, `record_digests` digest), any number) that has one, by ordinal. The hashes
-        that may be a removal's (`_removal_digests`) are loaded into a temporary table and joined
-        once: looked up a batch at a time (an index
+        are loaded into a temporary table and joined once: looked up a batch at a time (an index
         probe per hash, 30 to 100 ms per 2,000), the check took 200 s of a 301 s nightly run at
-        scale 1. The matches are read a page at a time: after a whole backup is restored they are
-        as many as the records removed."""
+        scale 1. Past a tenth of the trail's length, only the hashes that may be a removal's
+        (`_removal_digests`) are sent: those cost a read of the system's trail (3 s for its 2.4
+        million entries at scale 1), worth it for a table read whole, not for the rows a night on
+        PostgreSQL finds written since the last run. The matches are read a page at a time: after a
+        whole backup is restored they are as many as the records removed."""
         if not self.exists:
             return
         records = iter(records)
         first = next(records, None)
         if first is None:  # the nightly case on PostgreSQL: no row written since the last run
             return
-        digests = self._removal_digests(system)
-        if not len(digests):
-            return
+        low, head = self._span()
+        unfiltered = int((head - low) * self.UNFILTERED_SHARE)
         records = itertools.chain([first], records)
         metadata = MetaData()
         checked = Table("retention_checked_records", metadata, Column("ordinal", BigInteger, primary_key=True),
@@ -474,9 +475,15 @@ class AuditStore:
         with self.engine.connect() as conn:
             metadata.create_all(conn)
             try:
+                digests, sent = None, 0
                 for part in staging.chunks(records, page):
-                    bulk_insert(conn, checked, [dict(ordinal=o, table_name=t, record_hash=d.hex())
-                                                for o, t, d in _maybe_removed(part, digests)])
+                    if digests is None and sent >= unfiltered:
+                        digests = self._removal_digests(system)
+                        if not len(digests):  # no removal at all: nothing to find
+                            return
+                    sent += len(part)
+                    bulk_insert(conn, checked, [dict(ordinal=o, table_name=t, record_hash=d.hex()) for o, t, d in
+                                                (part if digests is None else _maybe_removed(part, digests))])
                 if conn.dialect.name == "postgresql":
                     conn.execute(text(f"ANALYZE {checked.name}"))  # temporary tables are never auto-analysed
                 latest = (select(checked.c.ordinal, func.max(e.c.seq))
@@ -509,7 +516,7 @@ class AuditStore:
         system."""
         import numpy as np
 
-        head = self.chain_head()[0]
+        low, head = self._span()
         if self._digests[:2] == (system, head):
             return self._digests[2]
         self._digests = (None, None, None)  # one system's at a time: millions of entries each
@@ -518,7 +525,6 @@ class AuditStore:
         removals = and_(e.c.system == system, e.c.action.in_(REMOVALS), e.c.seq <= head, e.c.record_hash.is_not(None))
         prefixes = func.aggregate_strings(func.substr(e.c.record_hash, 1, 16), "")
         with self.engine.connect() as conn:
-            low = (conn.scalar(select(func.min(e.c.seq))) or 1) - 1
             # Sized for every entry up to the head rather than counted (a count read the whole trail
             # again, 1.4 s at 2.4 million entries): the pages the removals do not fill stay untouched.
             digests = np.empty(head - low, dtype=np.uint64)
@@ -534,6 +540,13 @@ class AuditStore:
         return digests
 
     DIGEST_RANGE = 500_000  # entries per range: at most 8 MB of hex at once
+    UNFILTERED_SHARE = 0.1  # records sent to the join as they come, per entry of the trail
+
+    def _span(self) -> tuple[int, int]:
+        """(seq before the first entry kept, seq of the chain's head): the trail's entries lie between."""
+        head = self.chain_head()[0]
+        with self.engine.connect() as conn:
+            return (conn.scalar(select(func.min(self.entries.c.seq))) or 1) - 1, head
 
     def lookup(self, subject_hashes: list[str], identifier_hashes: list[str]) -> list[dict]:
         """Entries about a person, found by the keyed hashes of what they told us."""
