@@ -66,6 +66,53 @@ def test_events_are_computed_by_the_database_as_the_latest_of_their_items_unless
     }
 
 
+def test_what_a_row_reaches_from_one_column_is_joined_once_per_link_value(backend):
+    """An e-mail event reaches eight aggregates from its subscriber: the subscriber's customer number,
+    subscription, clicks and objections, then through the customer number the CRM's contracts, quotes
+    and interactions and accounting's invoices. They are joined once per subscriber, into one table
+    that campaign sends share (the same items), so each row meets one join; the events read through
+    it are the latest of their items, ongoing while a contract has no end."""
+    backend.insert("marketing", "subscribers", *[
+        dict(subscriber_id=n, customer_number=customer, email=f"s{n}@example.org", subscribed_on=date(2019, 1, 1))
+        for n, customer in ((1, "C1"), (2, "C2"), (3, None))])
+    events = [(1, datetime(2020, 1, 1), "open"), (2, datetime(2020, 2, 2), "open"),
+              (3, datetime(2021, 6, 7, 8), "click")]
+    backend.insert("marketing", "email_events", *[
+        dict(event_id=n, subscriber_id=subscriber, occurred_at=at, event_type=kind)
+        for n, (subscriber, at, kind) in enumerate(events, 1)])
+    backend.insert("marketing", "campaign_sends", *[
+        dict(campaign_id=7, subscriber_id=n, sent_at=datetime(2020, 1, 1)) for n in (1, 2, 3)])
+    backend.insert("crm", "contracts",
+                   dict(contract_id=1, customer_number="C1", started_on=date(2019, 6, 1), ended_on=date(2021, 3, 4)),
+                   dict(contract_id=2, customer_number="C2", started_on=date(2019, 6, 1), ended_on=None))
+    backend.insert("accounting", "invoices", dict(invoice_id=1, invoice_number="F1", customer_number="C1",
+                                                  issued_on=date(2023, 5, 6), amount=10))
+    backend.insert("marketing", "objections", dict(objection_id=1, subscriber_id=2, received_on=date(2022, 1, 1)))
+    rules = load_rules(RULES)
+    sources = Sources(rules)
+    try:
+        with Extraction(sources, "marketing") as extraction:
+            facts, joins = {}, {}
+            for name in ("email_events", "campaign_sends"):
+                spec = rules.system("marketing").tables[name]
+                query, _, events = extraction._query(spec, sources.table("marketing", name))
+                joins[name] = str(query).count(" JOIN ")
+                facts[name] = {row[0]: (row[1], dict(zip(events, map(event_value, row[5]))))
+                               for batch in extraction.batches(spec) for row in batch}
+            assert len(extraction.linked) == 1
+    finally:
+        sources.dispose()
+    assert joins == {"email_events": 1, "campaign_sends": 1}
+    never = EventValue()
+    expected = {1: ("C1", EventValue(date(2023, 5, 6)), never),
+                2: ("C2", EventValue(ongoing=True), EventValue(date(2022, 1, 1))),
+                3: (None, EventValue(date(2021, 6, 7)), never)}
+    events = {n: (customer, {"end_of_relationship_or_last_prospect_contact": clock, "objection": objection})
+              for n, (customer, clock, objection) in expected.items()}
+    assert facts["email_events"] == {(n,): value for n, value in events.items()}
+    assert facts["campaign_sends"] == {(7, n): value for n, value in events.items()}
+
+
 def test_a_text_value_that_is_not_a_date_stops_the_run_before_any_change(backend):
     """SQLite keeps dates as text, so a source can hold anything there: a clock that cannot be read
     must not count as "never started" (that could delete a record kept by it). PostgreSQL's date
