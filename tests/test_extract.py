@@ -75,11 +75,11 @@ def test_what_a_row_reaches_from_one_column_is_joined_once_per_link_value(backen
     backend.insert("marketing", "subscribers", *[
         dict(subscriber_id=n, customer_number=customer, email=f"s{n}@example.org", subscribed_on=date(2019, 1, 1))
         for n, customer in ((1, "C1"), (2, "C2"), (3, None))])
-    events = [(1, datetime(2020, 1, 1), "open"), (2, datetime(2020, 2, 2), "open"),
-              (3, datetime(2021, 6, 7, 8), "click")]
+    received = [(1, datetime(2020, 1, 1), "open"), (2, datetime(2020, 2, 2), "open"),
+                (3, datetime(2021, 6, 7, 8), "click")]
     backend.insert("marketing", "email_events", *[
         dict(event_id=n, subscriber_id=subscriber, occurred_at=at, event_type=kind)
-        for n, (subscriber, at, kind) in enumerate(events, 1)])
+        for n, (subscriber, at, kind) in enumerate(received, 1)])
     backend.insert("marketing", "campaign_sends", *[
         dict(campaign_id=7, subscriber_id=n, sent_at=datetime(2020, 1, 1)) for n in (1, 2, 3)])
     backend.insert("crm", "contracts",
@@ -95,9 +95,9 @@ def test_what_a_row_reaches_from_one_column_is_joined_once_per_link_value(backen
             facts, joins = {}, {}
             for name in ("email_events", "campaign_sends"):
                 spec = rules.system("marketing").tables[name]
-                query, _, events = extraction._query(spec, sources.table("marketing", name))
+                query, _, names = extraction._query(spec, sources.table("marketing", name))
                 joins[name] = str(query).count(" JOIN ")
-                facts[name] = {row[0]: (row[1], dict(zip(events, map(event_value, row[5]))))
+                facts[name] = {row[0]: (row[1], dict(zip(names, map(event_value, row[5]))))
                                for batch in extraction.batches(spec) for row in batch}
             assert len(extraction.linked) == 1
     finally:
@@ -107,10 +107,10 @@ def test_what_a_row_reaches_from_one_column_is_joined_once_per_link_value(backen
     expected = {1: ("C1", EventValue(date(2023, 5, 6)), never),
                 2: ("C2", EventValue(ongoing=True), EventValue(date(2022, 1, 1))),
                 3: (None, EventValue(date(2021, 6, 7)), never)}
-    events = {n: (customer, {"end_of_relationship_or_last_prospect_contact": clock, "objection": objection})
-              for n, (customer, clock, objection) in expected.items()}
-    assert facts["email_events"] == {(n,): value for n, value in events.items()}
-    assert facts["campaign_sends"] == {(7, n): value for n, value in events.items()}
+    rows = {n: (customer, {"end_of_relationship_or_last_prospect_contact": clock, "objection": objection})
+            for n, (customer, clock, objection) in expected.items()}
+    assert facts["email_events"] == {(n,): value for n, value in rows.items()}
+    assert facts["campaign_sends"] == {(7, n): value for n, value in rows.items()}
 
 
 def test_a_text_value_that_is_not_a_date_stops_the_run_before_any_change(backend):

@@ -201,7 +201,8 @@ class Extraction:
         lookups: dict[str, object] = {}  # lookup name -> its value
         events: list[tuple[list, list]] = [([], []) for _ in used]  # per event: (days, ongoing conditions)
         for n, (root, group) in enumerate(_groups(spec, list(used.values())).items()):
-            if len(group.items) == 1 or [root] == list(spec.primary_key):  # one row per link value: no sharing
+            # One aggregate: nothing to merge; the column is the row's key: one row per value, nothing to share.
+            if len(group.items) == 1 or [root] == list(spec.primary_key):
                 joined, reached = self._reach(group, joined, table.c[root], f"r{n}_")
             else:
                 linked = self._linked(group).alias(f"r{n}")
