@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import DataError
 
 from retention.decide import EventValue, event_value
@@ -111,6 +112,45 @@ def test_what_a_row_reaches_from_one_column_is_joined_once_per_link_value(backen
             for n, (customer, clock, objection) in expected.items()}
     assert facts["email_events"] == {(n,): value for n, value in rows.items()}
     assert facts["campaign_sends"] == {(7, n): value for n, value in rows.items()}
+
+
+def test_each_related_table_is_scanned_once_for_every_column_the_tables_read_from_it(backend):
+    """Subscribers are read for their subscription date (events) and their customer number (the
+    lookup of consents and every other marketing table): one scan of them serves both, as one scan
+    of the statistics consents serves the dates given and withdrawn, each column aggregated on its own."""
+    backend.insert("marketing", "subscribers", *[
+        dict(subscriber_id=n, customer_number=customer, email=f"s{n}@example.org", subscribed_on=day)
+        for n, customer, day in ((1, "C1", date(2019, 1, 1)), (2, None, date(2020, 2, 2)))])
+    backend.insert("marketing", "consents", *[
+        dict(consent_id=n, subscriber_id=subscriber, purpose=purpose, given_at=given, withdrawn_at=withdrawn)
+        for n, (subscriber, purpose, given, withdrawn) in enumerate([
+            (1, "statistics", datetime(2019, 1, 1), datetime(2021, 3, 4)),
+            (1, "statistics", datetime(2022, 5, 6), None),
+            (1, "newsletter", datetime(2023, 1, 1), datetime(2024, 1, 1)),  # another purpose: not read
+            (2, "statistics", datetime(2020, 2, 2), datetime(2020, 3, 3))], 1)])
+    rules = load_rules(RULES)
+    system = rules.system("marketing")
+    sources = Sources(rules)
+    scans = []
+    listen = lambda conn, cursor, statement, *_: scans.append(statement)  # noqa: E731 (the listener's signature)
+    event.listen(sources.engine("marketing"), "before_cursor_execute", listen)
+    try:
+        with Extraction(sources, "marketing", system.tables.values()) as extraction:
+            facts = {}
+            for name in ("subscribers", "consents"):
+                spec = system.tables[name]
+                names = list(used_events(spec))
+                facts[name] = {row[0]: (row[1], dict(zip(names, map(event_value, row[5]))))
+                               for batch in extraction.batches(spec) for row in batch}
+    finally:
+        sources.dispose()
+    staged = [s for s in scans if "INSERT INTO retention_related_" in s and "linked" not in s.split("(")[0]]
+    assert [sum(f"FROM {table} " in s for s in staged) for table in ("subscribers", "consents")] == [1, 1]
+    clocks = {n: {e: facts["subscribers"][(n,)][1][e] for e in ("consent_given", "consent_withdrawal")} for n in (1, 2)}
+    assert clocks == {1: {"consent_given": EventValue(date(2022, 5, 6)), "consent_withdrawal": EventValue(date(2021, 3, 4))},
+                      2: {"consent_given": EventValue(date(2020, 2, 2)), "consent_withdrawal": EventValue(date(2020, 3, 3))}}
+    assert {key: customer for key, (customer, _) in facts["consents"].items()} == {
+        (1,): "C1", (2,): "C1", (3,): "C1", (4,): None}
 
 
 def test_a_text_value_that_is_not_a_date_stops_the_run_before_any_change(backend):

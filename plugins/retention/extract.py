@@ -2,7 +2,8 @@
 
 Each related value a system's rules read (the latest contract end of a customer, the latest click of
 a subscriber...) is aggregated once per run, in SQL, into a temporary table of the system's database
-(copied there when the related table lives in another system). The aggregates a row reaches from one
+(copied there when the related table lives in another system), one scan of a related table serving
+every column read from it with the same link and filter. The aggregates a row reaches from one
 of its columns are joined once per value of that column, with each event's latest day among them.
 Rows are then read by one streamed query per table joining those, so the database does the lookups,
 and memory stays bounded by the batch size whatever the table size. Facts are plain tuples (see
@@ -17,7 +18,7 @@ caller wants (those whose decision changes something) are read.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import (Column, Integer, MetaData, String, Table, and_, case, cast, func, insert, literal, or_, select,
@@ -29,7 +30,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from . import restore_marks
 from .audit import identifier_hash
 from .decide import ONGOING
-from .rules import Related, TableSpec, used_events
+from .rules import Related, TableSpec, needed_items, used_events
 from .sources import Sources, bulk_insert, copy_rows
 
 DEFAULT_BATCH = 2000
@@ -57,10 +58,19 @@ class Extraction:
     """The extraction of one system, on one connection that holds its staged aggregates (temporary
     tables: they vanish with the connection, and a dry run leaves nothing behind)."""
 
-    def __init__(self, sources: Sources, system: str):
+    def __init__(self, sources: Sources, system: str, tables: Iterable[TableSpec] = ()):
+        """`tables`: the specs that will be read, so that each related table is scanned once for
+        every column of it they read (a scan staged later reads the columns then missing)."""
         self.sources, self.system = sources, system
         self.metadata = MetaData()
-        self.staged: dict[Related, Table] = {}
+        self.wanted: dict[tuple, list[str]] = {}  # scan -> the columns of it the tables read
+        for spec in tables:
+            for item in needed_items(spec):
+                if item.related:
+                    columns = self.wanted.setdefault(_scan(item.related), [])
+                    columns += [item.related.column] if item.related.column not in columns else []
+        self.staged: dict[tuple, tuple[Table, int]] = {}  # (scan, column) -> the staged table, the column's index
+        self.scans = 0  # tables staged so far (each names its temporary table)
         self.linked: dict[tuple, Table] = {}  # see _linked
         self.filters = 0  # reads by signature so far (each names its temporary tables)
         self.scratch: list[Table] = []  # the temporary tables of the current read
@@ -236,26 +246,35 @@ class Extraction:
         return select(*columns).select_from(joined), pk, list(used)
 
     def _reach(self, group: "_Group", joined, link, prefix: str) -> tuple[object, "_Reached"]:
-        """`joined` outer-joined on `link` with the group's staged aggregates (each once, an item
-        linked through a lookup joined on the lookup's value), and what the group's items give."""
+        """`joined` outer-joined on `link` with the group's staged aggregates (each staged table once,
+        an item linked through a lookup joined on the lookup's value), and what the group's items give."""
         aliases: dict[tuple, object] = {}
         values: dict[str, object] = {}  # lookup name -> its value
 
-        def reached(rel: Related, via: str | None):
+        def reached(rel: Related, via: str | None) -> tuple[object, int]:
             nonlocal joined
-            if (rel, via) not in aliases:
-                staged = self._stage(rel).alias(f"{prefix}{len(aliases)}")
+            table, i = self._stage(rel)
+            if (table.name, via) not in aliases:
+                staged = table.alias(f"{prefix}{len(aliases)}")
                 joined = joined.outerjoin(staged, staged.c.link == (link if via is None else values[via]))
-                aliases[(rel, via)] = staged
-            return aliases[(rel, via)]
+                aliases[(table.name, via)] = staged
+            return aliases[(table.name, via)], i
+
+        def latest(rel: Related, via: str | None):
+            staged, i = reached(rel, via)
+            return staged.c[f"latest_{i}"]
+
+        def ongoing(rel: Related, via: str | None):
+            staged, i = reached(rel, via)
+            return staged.c[f"nulls_{i}"] > 0
 
         for name, rel, via in group.lookups:
-            values[name] = reached(rel, via).c.latest
+            values[name] = latest(rel, via)
         events = []
         for items in group.events:
-            days = [day_ordinal(reached(rel, via).c.latest) for rel, via in items]
+            days = [day_ordinal(latest(rel, via)) for rel, via in items]
             events.append((days[0] if len(days) == 1 else latest_day(*days),
-                           [reached(rel, via).c.nulls > 0 for rel, via in items if rel.ongoing_if_null]))
+                           [ongoing(rel, via) for rel, via in items if rel.ongoing_if_null]))
         return joined, _Reached(list(values.items()), events)
 
     def _linked(self, group: "_Group") -> Table:
@@ -267,7 +286,8 @@ class Extraction:
         scale 1 in the joins, and as much again reading the few rows a night changes)."""
         if group.key in self.linked:
             return self.linked[group.key]
-        links = [select(self._stage(rel).c.link) for rel, via in group.items if via is None]
+        staged = dict.fromkeys(self._stage(rel)[0] for rel, via in group.items if via is None)
+        links = [select(table.c.link) for table in staged]
         keys = (links[0] if len(links) == 1 else union(*links)).subquery()
         joined, reached = self._reach(group, keys, keys.c.link, "a")
         columns = [keys.c.link] + [value.label(f"lookup_{i}") for i, (_, value) in enumerate(reached.lookups)]
@@ -286,38 +306,48 @@ class Extraction:
         self.linked[group.key] = linked
         return linked
 
-    def _stage(self, rel: Related) -> Table:
-        """{link value: latest value, count of NULL values} of a related table, over its live and
-        archived rows alike (moving a record under a legal hold must not move its clocks), in a
-        temporary table of this system's database."""
-        if rel in self.staged:
-            return self.staged[rel]
+    def _stage(self, rel: Related) -> tuple[Table, int]:
+        """(the temporary table of this system's database holding {link value: latest value, count
+        of NULL values} of each column read from the related table with the same link and filter,
+        the index of `rel`'s column there), over the related table's live and archived rows alike
+        (moving a record under a legal hold must not move its clocks). One scan serves every column
+        `self.wanted` names for it: subscribers' customer number and subscription date, a consent's
+        date given and date withdrawn."""
+        scan = _scan(rel)
+        if (scan, rel.column) in self.staged:
+            return self.staged[(scan, rel.column)]
+        names = [rel.column] + [c for c in self.wanted.get(scan, []) if c != rel.column and (scan, c) not in self.staged]
         live = self.sources.table(rel.system, rel.table)
         archive = self.sources.archive(rel.system, rel.table)
         parts = []
         for source in [live] + ([archive] if archive is not None else []):
-            column = source.c[rel.column]
             conditions = [source.c[rel.remote].is_not(None)] + [source.c[c].in_(v) for c, v in rel.where]
-            parts.append(select(source.c[rel.remote].label("link"), column.label("value"),
-                                case((column.is_(None), 1), else_=0).label("null")).where(and_(*conditions)))
+            values = []
+            for i, name in enumerate(names):
+                values += [source.c[name].label(f"value_{i}"),
+                           case((source.c[name].is_(None), 1), else_=0).label(f"null_{i}")]
+            parts.append(select(source.c[rel.remote].label("link"), *values).where(and_(*conditions)))
         rows = union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
-        aggregate = select(rows.c.link, func.max(rows.c.value), func.sum(rows.c.null)).group_by(rows.c.link)
-        staged = Table(f"{STAGED_PREFIX}{len(self.staged)}", self.metadata,
-                       Column("link", live.c[rel.remote].type, primary_key=True),
-                       Column("latest", live.c[rel.column].type),
-                       Column("nulls", Integer, nullable=False),
-                       prefixes=["TEMPORARY"])
+        aggregates, columns = [], []
+        for i, name in enumerate(names):
+            aggregates += [func.max(rows.c[f"value_{i}"]), func.sum(rows.c[f"null_{i}"])]
+            columns += [Column(f"latest_{i}", live.c[name].type), Column(f"nulls_{i}", Integer, nullable=False)]
+        aggregate = select(rows.c.link, *aggregates).group_by(rows.c.link)
+        self.scans += 1
+        staged = Table(f"{STAGED_PREFIX}{self.scans}", self.metadata,
+                       Column("link", live.c[rel.remote].type, primary_key=True), *columns, prefixes=["TEMPORARY"])
         staged.create(self.conn)
         if rel.system == self.system:
-            self.conn.execute(insert(staged).from_select(["link", "latest", "nulls"], aggregate))
+            self.conn.execute(insert(staged).from_select([c.name for c in staged.c], aggregate))
         else:  # no joins across databases: the aggregate is copied over
             with self.sources.engine(rel.system).connect() as other:
                 copy_rows(other, aggregate, self.conn, staged)
         if self.conn.dialect.name == "postgresql":
             self.conn.exec_driver_sql(f"ANALYZE {staged.name}")  # temporary tables are never auto-analysed
         self.conn.commit()
-        self.staged[rel] = staged
-        return staged
+        for i, name in enumerate(names):
+            self.staged[(scan, name)] = staged, i
+        return staged, 0
 
 
 @dataclass(frozen=True)
@@ -381,6 +411,11 @@ def _groups(spec: TableSpec, events: list) -> dict[str, _Group]:
     return {column: _Group(tuple(lookups.get(column, ())), tuple(tuple(v) for v in items.get(column, {}).values()),
                            tuple(items.get(column, {})))
             for column in dict.fromkeys([*lookups, *items])}
+
+
+def _scan(rel: Related) -> tuple:
+    """What one scan of a related table serves: the items read from it with the same link and filter."""
+    return rel.system, rel.table, rel.remote, rel.where
 
 
 def _joined_text(parts: list):

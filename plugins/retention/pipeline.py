@@ -106,8 +106,8 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
     examined = 0
     rows_checked: Counter = Counter()
     counted = Tally()
-    with Extraction(sources, system) as extraction, staging.BatchWriter(_staging(run, system, "facts")) as out:
-        tables = deletion_order(sources, rules.system(system))
+    tables = deletion_order(sources, rules.system(system))
+    with Extraction(sources, system, tables) as extraction, staging.BatchWriter(_staging(run, system, "facts")) as out:
         names = [t.name for t in tables]
         removed = store.removed_tables(system, names) if store is not None else set()
         state, checks = _restore_checks(extraction, sources, store, system, names, removed)
