@@ -153,6 +153,33 @@ def test_each_related_table_is_scanned_once_for_every_column_the_tables_read_fro
         (1,): "C1", (2,): "C1", (3,): "C1", (4,): None}
 
 
+def test_a_read_by_signature_gives_the_rows_and_facts_a_full_read_gives_for_those_signatures(backend):
+    """On a night, a table's rows are counted per signature and only those of the signatures the
+    caller accepts are read: they are the rows, with the same facts (identifier hashes included),
+    that reading every row gives for those signatures, whether some signatures are left out or none."""
+    seed({s: backend.engines[s] for s in SYSTEMS}, size=60, seed=5)
+    rules = load_rules(RULES)
+    sources = Sources(rules)
+    key = b"an audit key of thirty-two bytes"
+    try:
+        with Extraction(sources, "marketing") as extraction:
+            for name in ("subscribers", "consents", "email_events"):  # joined directly, through a lookup, linked
+                spec = rules.system("marketing").tables[name]
+                every = [row for batch in extraction.batches(spec, key=key) for row in batch]
+                signatures = sorted({(row[5], row[3]) for row in every}, key=repr)
+                chosen = set(signatures[::2])
+                assert len(chosen) < len(signatures), f"{name}: one signature only, nothing to leave out"
+                for wanted, expected in (
+                        (lambda events, present, count: (events, present) in chosen,
+                         [row for row in every if (row[5], row[3]) in chosen]),
+                        (lambda *_: True, every)):
+                    rows = [row for batch in extraction.batches(spec, batch_size=7, key=key, wanted=wanted)
+                            for row in batch]
+                    assert rows == expected and all(row[4] for row in rows) == bool(spec.identifiers), name
+    finally:
+        sources.dispose()
+
+
 def test_a_text_value_that_is_not_a_date_stops_the_run_before_any_change(backend):
     """SQLite keeps dates as text, so a source can hold anything there: a clock that cannot be read
     must not count as "never started" (that could delete a record kept by it). PostgreSQL's date
