@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from datetime import date
+from datetime import date, datetime
 
 import pytest
-from sqlalchemy import MetaData, create_engine, insert, text
+from sqlalchemy import MetaData, create_engine, insert, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from retention import chain
@@ -422,7 +422,20 @@ def test_a_record_restored_from_a_backup_older_than_its_end_is_removed_again(bac
     assert second["reapplied_after_restore"] >= 1
 
 
-def test_pipeline_role_cannot_change_the_trail(backend, request):
+def test_a_store_made_before_the_marks_named_the_runs_own_changes_gets_the_column(backend):
+    engine = backend.engines["audit"]
+    AuditStore(engine)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE retention_restore_marks DROP COLUMN written_by"))
+    assert AuditStore(engine, create=False).restore_marks_of("crm") == {}  # read as it is, nothing added
+    assert "written_by" not in {c["name"] for c in inspect(engine).get_columns("retention_restore_marks")}
+    AuditStore(engine).save_restore_marks("crm", [dict(table_name="t", source="s", token="a", checked_below=1,
+                                                       full_check_at=datetime(2026, 1, 1), run_id="r",
+                                                       written_by="3 4")])
+    assert AuditStore(engine).restore_marks_of("crm")["t"]["written_by"] == "3 4"
+
+
+def test_pipeline_role_cannot_change_the_trail(backend, request, caplog):
     if backend.kind == "sqlite":  # no roles in SQLite: the command says so; the hash chain still guards
         result = subprocess.run([sys.executable, "-m", "retention.cli", "audit", "protect", "--role", "x"],
                                 capture_output=True, text=True)
@@ -452,6 +465,16 @@ def test_pipeline_role_cannot_change_the_trail(backend, request):
         assert marks
         AuditStore(pipeline, create=False).save_restore_marks("crm", marks)
         assert list(AuditStore(pipeline, create=False).restore_marks_of("crm").values()) == marks
+        # A store from before the marks named the run's own changes: the pipeline cannot add the
+        # column, says so and leaves its marks without; the owner adds it when it opens the store.
+        with owner.begin() as conn:
+            conn.execute(text("ALTER TABLE retention_restore_marks DROP COLUMN written_by"))
+        AuditStore(pipeline).save_restore_marks("crm", marks)
+        assert "has no column written_by and it cannot be added" in caplog.text
+        assert list(AuditStore(pipeline, create=False).restore_marks_of("crm").values()) == [
+            {k: v for k, v in mark.items() if k != "written_by"} for mark in marks]
+        AuditStore(owner)
+        assert [mark["written_by"] for mark in AuditStore(pipeline).restore_marks_of("crm").values()] == [None] * len(marks)
         for statement in ("UPDATE retention_audit SET reason = 'x'", "DELETE FROM retention_audit",
                           "TRUNCATE retention_audit", "DELETE FROM retention_audit_checkpoints"):
             with pytest.raises(DBAPIError, match="permission denied"):

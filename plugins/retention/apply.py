@@ -91,6 +91,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
     suppressed: dict = {}
     recorded_at = audit.now()
     subjects: dict = {}
+    exact = True  # whether the statements changed only the rows they were given
     with sources.engine(spec.system).begin() as conn:
         sources.touch_restore_marker(conn, spec.system)  # a restore of the source to before this shows
         for (action, archived, fields), group in groups.items():
@@ -105,13 +106,16 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
                 statement = update(target).where(condition, filled).values({f: None for f in fields}).returning(*pk)
             elif action == ARCHIVE:
                 names = [c.name for c in live.columns]
-                conn.execute(insert(archive).from_select(
-                    names + [ARCHIVED_ON], select(*live.c, literal(run.as_of).label(ARCHIVED_ON)).where(condition)))
+                copied = set(map(tuple, conn.execute(insert(archive).from_select(
+                    names + [ARCHIVED_ON], select(*live.c, literal(run.as_of).label(ARCHIVED_ON)).where(condition))
+                    .returning(*[archive.c[name] for name in spec.primary_key]))))
                 statement = delete(live).where(condition).returning(*pk)
             else:
                 raise ValueError(f"action {action!r} does not change a source row")
             # As plain tuples: a Row equals a tuple too, but through a Python method (3 µs a lookup, not 0.3).
             changed = set(map(tuple, conn.execute(statement)))
+            if action == ARCHIVE:
+                exact &= copied == changed  # else a row went or came between the copy and the deletion
             done = [planned for planned in group if planned.key in changed]
             entries += _entries(spec, done, run, recorded_at, subjects)
             counts[action] += len(done)
@@ -120,6 +124,8 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
                     for ihash in planned.identifier_hashes:
                         suppressed[ihash] = planned.suppress
         bulk_insert(conn, outbox, entries)
+        if exact:
+            sources.note_own_change(conn, spec.system, spec.name)
         if suppressed:
             # Same transaction as the deletion: the person is never deleted without being suppressed.
             until = {name: run.rules.rules[name].suppress_for.after(run.as_of) for name in set(suppressed.values())}

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
@@ -15,11 +16,13 @@ from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy import (BigInteger, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, and_,
                         delete, func, insert, inspect, select, text, update)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from . import chain, staging
 from .connections import AUDIT_CONNECTION, make_engine, resolve_url, retention_home
 from .sources import OUTBOX_TABLE, Sources, audit_table, bulk_insert, create_once, dict_rows, one_of
+
+log = logging.getLogger("retention")
 
 KEY_ENV = "RETENTION_AUDIT_KEY"
 OLD_KEYS_ENV = "RETENTION_AUDIT_OLD_KEYS"  # comma-separated keys retired by rotation
@@ -199,6 +202,21 @@ def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def _restore_marks_table(metadata: MetaData, written_by: bool = True) -> Table:
+    return Table(
+        RESTORE_MARKS_TABLE, metadata,
+        Column("system", String(64), primary_key=True),
+        Column("table_name", String(128), primary_key=True),
+        Column("source", String(64), nullable=False),  # cluster identifier and database oid
+        Column("token", String(32), nullable=False),  # the source's marker as the run left it
+        Column("checked_below", BigInteger, nullable=False),  # rows written before were checked
+        Column("full_check_at", DateTime, nullable=False),
+        Column("run_id", String(250), nullable=False),
+        # The ids of the run's own changes to the table, space-separated: their rows are not checked.
+        *([Column("written_by", Text)] if written_by else []),
+    )
+
+
 class AuditStore:
     def __init__(self, engine: Engine, create: bool = True):
         self.engine = engine
@@ -237,16 +255,7 @@ class AuditStore:
             Column("status", String(16), nullable=False),
             Column("summary", Text),
         )
-        self.restore_marks = Table(
-            RESTORE_MARKS_TABLE, metadata,
-            Column("system", String(64), primary_key=True),
-            Column("table_name", String(128), primary_key=True),
-            Column("source", String(64), nullable=False),  # cluster identifier and database oid
-            Column("token", String(32), nullable=False),  # the source's marker as the run left it
-            Column("checked_below", BigInteger, nullable=False),  # rows written before were checked
-            Column("full_check_at", DateTime, nullable=False),
-            Column("run_id", String(250), nullable=False),
-        )
+        self.restore_marks = _restore_marks_table(metadata)
         inspector = inspect(engine)
         self.exists = inspector.has_table(AUDIT_TABLE)
         self._digests: tuple = (None, None, None)  # (system, chain head seq, digests): _removal_digests
@@ -260,6 +269,27 @@ class AuditStore:
             self.exists = True
         elif create and not inspector.has_table(RESTORE_MARKS_TABLE):  # a store made before the marks
             create_once(lambda: self.restore_marks.create(engine, checkfirst=True))
+        elif self.exists and inspector.has_table(RESTORE_MARKS_TABLE) and "written_by" not in {
+                c["name"] for c in inspector.get_columns(RESTORE_MARKS_TABLE)}:  # made before `written_by`
+            self._add_written_by(create)
+
+    def _add_written_by(self, create: bool) -> None:
+        """Only the store's owner may add the column: without it, each night checks again every row
+        the night before changed, as before the column."""
+        if create:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {RESTORE_MARKS_TABLE} ADD COLUMN written_by TEXT"))
+                return
+            except (ProgrammingError, OperationalError) as exc:
+                columns = {c["name"] for c in inspect(self.engine).get_columns(RESTORE_MARKS_TABLE)}
+                if "written_by" in columns:  # another process added it first
+                    return
+                log.warning("the audit store's %s has no column written_by and it cannot be added (%s): each night "
+                            "checks again every row the night before changed. Open the store once as its owner "
+                            "(`retention audit protect` does) to add it.", RESTORE_MARKS_TABLE,
+                            str(exc.orig).strip().splitlines()[0])
+        self.restore_marks = _restore_marks_table(MetaData(), written_by=False)
 
     @classmethod
     def open(cls, use_airflow: bool = False, create: bool = True) -> "AuditStore":
@@ -428,7 +458,8 @@ class AuditStore:
         with self.engine.begin() as conn:
             conn.execute(delete(m).where(m.c.system == system))
             if marks:
-                conn.execute(insert(m), [dict(mark, system=system) for mark in marks])
+                conn.execute(insert(m), [{k: v for k, v in dict(mark, system=system).items() if k in m.c}
+                                         for mark in marks])
 
     def removed_tables(self, system: str, tables: Iterable[str]) -> set:
         """Those of `tables` with at least one removal recorded in the system. One probe of the

@@ -130,17 +130,20 @@ class Extraction:
         self.conn.commit()
 
     def keys(self, spec: TableSpec, archived: bool = False, batch_size: int = 20_000,
-             since: int | None = None) -> Iterator[list[tuple]]:
+             since: int | None = None, written_by: tuple[int, ...] = ()) -> Iterator[list[tuple]]:
         """(primary key, filled) of every row of the table (or of its archive), a batch at a time,
         where bit i of `filled` says whether the strippable field spec.strip_fields[i] holds a value.
-        With `since` (PostgreSQL), only the rows written from that transaction id on (restore_marks)."""
+        With `since` (PostgreSQL), only the rows written from that transaction id on, other than by the
+        transactions `written_by` (restore_marks)."""
         table = self._table(spec, archived)
         if table is None:
             return
         pk = [table.c[name] for name in spec.primary_key]
         filled = sum((case((table.c[f].is_(None), 0), else_=1 << i) for i, f in enumerate(spec.strip_fields)),
                      literal(0))
-        query = select(*pk, filled) if since is None else select(*pk, filled).where(restore_marks.recent(since))
+        query = select(*pk, filled)
+        if since is not None:
+            query = query.where(restore_marks.recent(since, written_by))
         result = self.conn.execute(query, execution_options={"stream_results": True, "yield_per": batch_size})
         width = len(pk)
         for rows in result.partitions():

@@ -116,7 +116,7 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
             for archived in (False, True):
                 kept = None
                 if spec.name in removed:
-                    restored, checked = _restored(extraction, store, spec, archived, key, checks[spec.name].since)
+                    restored, checked = _restored(extraction, store, spec, archived, key, checks[spec.name])
                     rows_checked[spec.name] += checked
                     if not restored:
                         kept = _Kept(counted, decider, archived, rules, run)
@@ -132,7 +132,8 @@ def extract_system(rules: Rules, sources: Sources, run: Run, system: str, key: b
             if spec.name in removed:
                 check = checks[spec.name]
                 log.info("restore check of %s.%s: %d rows, %s", system, spec.name, rows_checked[spec.name],
-                         "those written since the last run" if check.since is not None else f"every one ({check.why_full})")
+                         "those written since the last run, not by its changes" if check.since is not None
+                         else f"every one ({check.why_full})")
     staging.write_json(_staging(run, system, "kept", ".json"), counted.to_json())
     if state is not None:
         staging.write_json(_staging(run, system, "restore_marks", ".json"),
@@ -158,17 +159,18 @@ def _restore_checks(extraction: Extraction, sources: Sources, store: audit_mod.A
 
 
 def _restored(extraction: Extraction, store: audit_mod.AuditStore, spec: TableSpec, archived: bool,
-              key: bytes, since: int | None = None) -> tuple[bool, int]:
+              key: bytes, check: restore_marks.Check) -> tuple[bool, int]:
     """Whether a record the trail says was removed is back in the table (or its archive) so that
     it must be acted on again even where its own decision keeps it: present after its deletion, or
     with a field it was stripped of filled again (`reapply_after_restore`, asked about a row kept
     as it is; a stripped row is in the trail and still in its table: only its fields tell). Only
-    the rows written from transaction `since` on, when given. Also returns how many rows it checked."""
+    the rows written from transaction `check.since` on, when given, other than by the last run's changes.
+    Also returns how many rows it checked."""
     filled = array("B" if len(spec.strip_fields) <= 8 else "Q")  # per row: bit i when strip_fields[i] has a value
 
     def records():
         digest = audit_mod.record_digests(key, spec.system, spec.name)
-        for batch in extraction.keys(spec, archived, since=since):
+        for batch in extraction.keys(spec, archived, since=check.since, written_by=check.written_by):
             for row_key, fields in batch:
                 filled.append(fields)
                 yield len(filled) - 1, spec.name, digest(row_key)
@@ -637,8 +639,8 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     if staged is not None and sources.restore_tokens[system] not in (None, staged["token"]):
         # A night that changed nothing leaves the marks as they were (they then check more rows,
         # never fewer): its own would need a new marker value, a write to a source it left alone.
-        store.save_restore_marks(system, restore_marks.marks_to_leave(staged, sources.restore_tokens[system],
-                                                                      run.run_id))
+        store.save_restore_marks(system, restore_marks.marks_to_leave(
+            staged, sources.restore_tokens[system], run.run_id, sources.restore_written.get(system, {})))
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
     staging.write_json(_staging(run, system, "applied", ".json"), dict(done))
     return done

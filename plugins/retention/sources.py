@@ -164,6 +164,9 @@ class Sources:
         self._exists: dict[tuple, bool] = {}
         # Per system: the value its marker should hold (touch_restore_marker); None once it did not.
         self.restore_tokens: dict[str, str | None] = {}
+        # Per system and table: the transactions of the run's own changes (note_own_change).
+        self.restore_written: dict[str, dict[str, list[int]]] = {}
+        self._told: dict[tuple, bool] = {}  # per (system, table): restore_marks.writes_only_what_it_is_told
 
     def url(self, system: str) -> str:
         spec = self.rules.system(system)
@@ -296,6 +299,17 @@ class Sources:
             previous, token = restore_marks.touch(conn, marker)
             expected = self.restore_tokens.get(system, previous)
             self.restore_tokens[system] = token if expected == previous else None
+
+    def note_own_change(self, conn, system: str, table: str) -> None:
+        """In a transaction whose statements changed only the rows of `table` they named (and its
+        archive's): its id, whose rows the next run's restore check passes over (restore_marks).
+        Not where a trigger, a rule or a foreign key action may have written others."""
+        if self.restore_tokens.get(system) is None:  # no marker, or no marks to leave
+            return
+        if (system, table) not in self._told:
+            self._told[(system, table)] = restore_marks.writes_only_what_it_is_told(conn, [table, ARCHIVE_PREFIX + table])
+        if self._told[(system, table)]:
+            self.restore_written.setdefault(system, {}).setdefault(table, []).append(restore_marks.transaction_id(conn))
 
     def purge_suppression(self, system: str, as_of) -> int:
         """The suppression list has its own period: entries past it go."""
