@@ -92,6 +92,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
     recorded_at = audit.now()
     subjects: dict = {}
     exact = True  # whether the statements changed only the rows they were given
+    stays = False  # whether a row it wrote is still there (stripped, or copied to the archive)
     with sources.engine(spec.system).begin() as conn:
         sources.touch_restore_marker(conn, spec.system)  # a restore of the source to before this shows
         for (action, archived, fields), group in groups.items():
@@ -116,6 +117,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
             changed = set(map(tuple, conn.execute(statement)))
             if action == ARCHIVE:
                 exact &= copied == changed  # else a row went or came between the copy and the deletion
+            stays |= action in (STRIP, ARCHIVE) and bool(changed)
             done = [planned for planned in group if planned.key in changed]
             entries += _entries(spec, done, run, recorded_at, subjects)
             counts[action] += len(done)
@@ -124,7 +126,7 @@ def _apply(sources: Sources, spec: TableSpec, live, archive, outbox, suppression
                     for ihash in planned.identifier_hashes:
                         suppressed[ihash] = planned.suppress
         bulk_insert(conn, outbox, entries)
-        if exact:
+        if exact and stays:  # a transaction that only deleted left no row to pass over
             sources.note_own_change(conn, spec.system, spec.name)
         if suppressed:
             # Same transaction as the deletion: the person is never deleted without being suppressed.
