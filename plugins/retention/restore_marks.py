@@ -16,8 +16,8 @@ that changes nothing leaves the marks as they were. Other databases are always c
 Nor are the rows whose last write is one of the engine's own statements read: a strip or an
 archive writes the entry that becomes the record's latest removal, and a row is found restored only
 against its latest removal (a stripped field filled again, a deleted record present), which such a
-row satisfies by construction. On a night after a first one that is millions of rows. So each
-change's transaction id is recorded for its table (`written_by`), unless something else may have
+row satisfies by construction. On a night after a first one that is millions of rows. So the id
+of each transaction that stripped or archived rows is recorded for its table (`written_by`), unless something else may have
 written rows of that table in it: a trigger, a rule, a foreign key of the table to itself with an
 action (`writes_only_what_it_is_told`), or an archive copy that moved other rows than the ones
 deleted. Rows another transaction touched since carry that one's id and are read."""
