@@ -235,27 +235,40 @@ def test_the_outbox_is_emptied_during_the_apply_step_once_the_store_has_its_entr
 
 def test_a_decision_taken_once_per_signature_is_the_decision_of_each_row(monkeypatch):
     """Rows that differ only in what the signature leaves out (key, subject) share a decision; rows
-    that differ in filled fields, archive state or hold get their own, memo cleared or not."""
+    that differ in filled fields, archive state or hold get their own, memos cleared or not. Each
+    rule's status is shared by the signatures that agree on the events it reads (and on whether the
+    one it requires happened): every decision is still `decide`'s for the row's own facts."""
+    import itertools
+    import random
     from datetime import date
 
-    from retention.decide import decide, event_value
+    from retention.decide import Facts, decide, event_value, rule_status
     from retention.rules import load_rules
     from tests.conftest import RULES
 
     rules = load_rules(RULES)
-    table = rules.system("crm").tables["companies"]
     as_of = date(2026, 6, 1)
-    decider = pipeline._Decider(table, as_of, rules.settings)
-    monkeypatch.setattr(pipeline._Decider, "LIMIT", 3)
-    ended = date(2021, 1, 1).toordinal()
-    events = tuple(ended for _ in decider.names)
-    rows = [(events, present, archived, hold) for present in ((), ("iban", "bic")) for archived in (False, True)
-            for hold in (None, "litigation")]
-    for signature in rows + rows:
-        facts = decider.facts(*signature[:3])
-        assert facts.events == {n: event_value(c) for n, c in zip(decider.names, events)}
-        assert decider(*signature) == decide(table, facts, as_of, rules.settings, signature[3])
-    assert len({decider(*signature).action for signature in rows}) > 1
+    days = [None, 0, date(2019, 5, 31).toordinal(), date(2023, 5, 31).toordinal(), date(2023, 6, 1).toordinal(),
+            date(2026, 5, 31).toordinal(), date(2026, 6, 2).toordinal()]
+    for system, name, limit in [("crm", "companies", 3), ("marketing", "subscribers", 3), ("marketing", "subscribers", 10**6)]:
+        table = rules.system(system).tables[name]
+        decider = pipeline._Decider(table, as_of, rules.settings)
+        computed = []
+        monkeypatch.setattr(pipeline, "rule_status", lambda *args: computed.append(args) or rule_status(*args))
+        monkeypatch.setattr(pipeline._Decider, "LIMIT", limit)
+        monkeypatch.setattr(pipeline._Decider, "STATUSES", limit)
+        filled = [(), table.strip_fields]
+        rows = [(events, present, archived, hold)
+                for events in itertools.product(days, repeat=len(decider.names)) for present in filled
+                for archived in (False, True) for hold in (None, "litigation")]
+        rows = random.Random(4).sample(rows, min(len(rows), 4000))
+        for events, present, archived, hold in rows + rows[:500]:
+            facts = Facts(key=(), events={n: event_value(c) for n, c in zip(decider.names, events)},
+                          present=frozenset(present), archived=archived)
+            assert decider(events, present, archived, hold) == decide(table, facts, as_of, rules.settings, hold)
+        assert len({decider(*signature).action for signature in rows}) > 2
+        if limit > len(rows):  # each rule's status computed once per combination of what it reads
+            assert len(computed) == sum(len(memo) for memo in decider.statuses) < len(rows) / 10
 
 
 @pytest.mark.parametrize("mode", ["enforce", "report_only"])

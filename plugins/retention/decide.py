@@ -104,7 +104,14 @@ def decide(table: TableSpec, facts: Facts, as_of: date, settings: Settings,
            hold_reason: str | None = None) -> Decision:
     """One decision for one row; `hold_reason` says why the row's subject is under a legal hold.
     Rules in `report_only` mode never release anything: what they would do is reported instead."""
-    statuses = [(b, rule_status(b, facts, as_of, settings)) for b in table.retention]
+    return decide_on(table, facts, [(b, rule_status(b, facts, as_of, settings)) for b in table.retention],
+                     hold_reason)
+
+
+def decide_on(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | None = None) -> Decision:
+    """`decide`, given the status of each of the table's rules for the row (in `table.retention`'s
+    order): a rule's status depends on the few events it reads, so a caller deciding many rows may
+    compute each once. Only the row's filled fields and archive state are read from `facts`."""
     upcoming = tuple((s.rule, s.keep_until) for _, s in statuses if s.alive and s.keep_until is not None)
     pending = [b.rule.name for b, s in statuses if not s.alive and b.rule.mode == "report_only"]
     if not pending:
@@ -124,11 +131,13 @@ def _decide(table: TableSpec, facts: Facts, statuses: list, hold_reason: str | N
     if alive:
         # The purpose that lasts longest is the one keeping the record.
         keeper = max(alive, key=lambda bs: bs[1].keep_until or date.max)[1]
-        kept_fields = {f for b, _ in alive for f in b.fields}
         expired = [(b, s) for b, s in statuses if not s.alive]
-        strip = tuple(f for f in table.strip_fields
-                      if f in facts.present and f not in kept_fields
-                      and any(f in b.fields for b, _ in expired))
+        strip = ()
+        if expired and facts.present:  # most rows: every purpose still running, or nothing to strip
+            kept_fields = {f for b, _ in alive for f in b.fields}
+            strip = tuple(f for f in table.strip_fields
+                          if f in facts.present and f not in kept_fields
+                          and any(f in b.fields for b, _ in expired))
         if strip and hold_reason is None:
             rules = tuple(s.rule for b, s in expired if set(b.fields) & set(strip))
             reasons = "; ".join(s.reason for b, s in expired if s.rule in rules)

@@ -38,8 +38,8 @@ from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
 from . import staging
-from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Decision, Facts, decide, event_value,
-                     reapply_after_restore)
+from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Decision, Facts, RuleStatus, decide_on,
+                     event_value, reapply_after_restore, rule_status)
 from .chain import read_published_heads, write_published_head
 from .extract import DEFAULT_BATCH, NOT_A_DATE, Extraction, NotADate
 from .rules import Rules, SystemSpec, TableSpec, used_events
@@ -268,6 +268,8 @@ class Tally:
 
     def add_forecast(self, rules: Rules, as_of: date, upcoming: tuple, n: int = 1) -> None:
         """Count the `n` records once per purpose whose period ends within each horizon."""
+        if all((last_day - as_of).days >= FORECAST_HORIZONS[-1] for _, last_day in upcoming):
+            return  # most kept records: nothing ends within the longest horizon
         ends: dict = {}
         for rule, last_day in upcoming:
             for purpose in rules.rules[rule].purposes:
@@ -400,33 +402,52 @@ def _record_digests(facts: Path, system: str, tables: set, key: bytes) -> Iterat
 class _Decider:
     """The decisions of one table. `decide` is pure: rows with the same events, filled fields, archive
     state and hold get the same decision, so it is taken once per such signature (rows of a large
-    table share theirs by the thousand). The memo is bounded: memory does not grow with the table."""
+    table share theirs by the thousand). A night still decides hundreds of thousands of signatures
+    (a subscriber's five event dates), but a rule reads two or three of those events, and of the
+    one it `requires` only whether it happened: its status is computed once per combination of
+    those (tens of thousands). The memos are bounded: memory does not grow with the table."""
 
     LIMIT = 20_000
+    STATUSES = 100_000  # per rule; a few MB
 
     def __init__(self, table: TableSpec, as_of: date, settings):
         self.table, self.as_of, self.settings = table, as_of, settings
         self.names = list(used_events(table))
+        # Per rule: the positions in a signature of the events it reads, the one it requires first.
+        self.reads = [tuple(self.names.index(name) for name in (b.rule.requires, b.rule.clock, b.rule.ends_early_on)
+                            if name) for b in table.retention]
+        self.statuses: list[dict] = [{} for _ in table.retention]  # per rule: its statuses by those codes
         self.memo: dict = {}
 
     def __call__(self, events: tuple, present: tuple, archived: bool, held_because: str | None):
         signature = (events, present, archived, held_because)
         decision = self.memo.get(signature)
         if decision is None:
+            if NOT_A_DATE in events:  # every signature is checked here before it is decided
+                name = self.names[events.index(NOT_A_DATE)]
+                raise NotADate(f"{self.table.system}.{self.table.name}: a value of the event {name} is not a date "
+                               f"(YYYY-MM-DD): fix it in the source, or read the event from another column in the "
+                               f"rules; nothing was changed")
             if len(self.memo) >= self.LIMIT:
                 self.memo.clear()
-            decision = self.memo[signature] = decide(self.table, self.facts(events, present, archived), self.as_of,
-                                                     self.settings, held_because)
+            statuses = [(binding, self._status(i, binding, events)) for i, binding in enumerate(self.table.retention)]
+            decision = self.memo[signature] = decide_on(
+                self.table, Facts(key=(), present=frozenset(present), archived=archived), statuses, held_because)
         return decision
 
-    def facts(self, events: tuple, present: tuple, archived: bool) -> Facts:
-        if NOT_A_DATE in events:  # every signature is checked here before it is decided
-            name = self.names[events.index(NOT_A_DATE)]
-            raise NotADate(f"{self.table.system}.{self.table.name}: a value of the event {name} is not a date "
-                           f"(YYYY-MM-DD): fix it in the source, or read the event from another column in the "
-                           f"rules; nothing was changed")
-        return Facts(key=(), events={n: event_value(c) for n, c in zip(self.names, events)},
-                     present=frozenset(present), archived=archived)
+    def _status(self, i: int, binding, events: tuple) -> RuleStatus:
+        reads = self.reads[i]
+        codes = tuple(events[n] for n in reads)
+        if binding.rule.requires:
+            codes = (codes[0] is None,) + codes[1:]
+        memo = self.statuses[i]
+        status = memo.get(codes)
+        if status is None:
+            if len(memo) >= self.STATUSES:
+                memo.clear()
+            facts = Facts(key=(), events={self.names[n]: event_value(events[n]) for n in reads})
+            status = memo[codes] = rule_status(binding, facts, self.as_of, self.settings)
+        return status
 
     def dates(self, events: tuple) -> dict:
         return {n: date.fromordinal(c) for n, c in zip(self.names, events) if c}
