@@ -271,6 +271,31 @@ def test_a_decision_taken_once_per_signature_is_the_decision_of_each_row(monkeyp
             assert len(computed) == sum(len(memo) for memo in decider.statuses) < len(rows) / 10
 
 
+def test_the_forecast_counts_a_record_in_each_horizon_its_period_ends_within():
+    """A record kept through the day before a horizon's end is acted on within it; kept through
+    its last day, it is not (nor in any shorter one). Per purpose, the earliest end counts."""
+    from datetime import date, timedelta
+
+    from retention.rules import load_rules
+    from tests.conftest import RULES
+
+    rules = load_rules(RULES)
+    as_of = date(2026, 6, 1)
+
+    def forecast(*upcoming) -> dict:
+        tally = pipeline.Tally()
+        tally.add_forecast(rules, as_of, tuple((rule, as_of + timedelta(days=d)) for rule, d in upcoming), n=2)
+        return dict(tally.forecast)
+
+    assert forecast(("prospecting", 364)) == {("advertising", 365): 2, ("targeted_marketing", 365): 2}
+    assert forecast(("prospecting", 365)) == {}
+    assert forecast(("prospecting", 29), ("accounting", 4000)) == {
+        (p, h): 2 for p in ("advertising", "targeted_marketing") for h in (30, 90, 365)}
+    # targeted_advertising serves the same purposes and ends first: those purposes end on its day.
+    assert forecast(("prospecting", 400), ("targeted_advertising", 89)) == {
+        (p, h): 2 for p in ("advertising", "targeted_marketing") for h in (90, 365)}
+
+
 @pytest.mark.parametrize("mode", ["enforce", "report_only"])
 def test_a_night_after_a_run_reads_only_the_rows_it_acts_on_and_decides_as_if_it_read_all(backend, tmp_path, mode):
     """Once a run has acted on a table, the next ones read from it only the rows of signatures
