@@ -401,3 +401,37 @@ def _without_ids(value):
     if isinstance(value, list):
         return [_without_ids(v) for v in value]
     return value
+
+
+def test_the_largest_system_starts_first_by_counted_or_estimated_rows(backend):
+    """With fewer workers than systems, the systems start largest first. Rows are counted where the
+    database keeps no estimate (SQLite; a PostgreSQL table never analysed) and taken from
+    PostgreSQL's statistics otherwise; a mapped table that is missing is named."""
+    from sqlalchemy import text
+
+    from retention.rules import load_rules
+    from retention.sources import Sources, SourceUnavailable
+    from tests.conftest import SYSTEMS
+
+    backend.insert("accounting", "invoices", *[dict(invoice_id=n, invoice_number=f"F{n}", customer_number="C1",
+                                                    issued_on=D("2020-01-01"), amount=1) for n in range(60)])
+    backend.insert("marketing", "subscribers", *[dict(subscriber_id=n, email=f"s{n}@example.test",
+                                                      subscribed_on=D("2020-01-01")) for n in range(30)])
+    company(backend, "C1")
+    rules = load_rules()
+    with Sources(rules) as sources:
+        assert sources.estimated_rows("accounting", "invoices") == 60
+        assert pipeline._largest_first(rules, sources, sorted(SYSTEMS)) == ["accounting", "marketing", "crm"]
+        if backend.kind == "postgresql":
+            with backend.engines["marketing"].begin() as conn:
+                conn.execute(text("INSERT INTO subscribers (subscriber_id, email, subscribed_on) "
+                                  "SELECT n, 'x' || n, DATE '2020-01-01' FROM generate_series(100, 199) AS n"))
+                conn.execute(text("ANALYZE subscribers"))  # reads every row of so small a table: 130
+                conn.execute(text("INSERT INTO subscribers (subscriber_id, email, subscribed_on) "
+                                  "SELECT n, 'x' || n, DATE '2020-01-01' FROM generate_series(200, 209) AS n"))
+            assert sources.estimated_rows("marketing", "subscribers") == 130  # the statistics, not a count
+            assert pipeline._largest_first(rules, sources, sorted(SYSTEMS)) == ["marketing", "accounting", "crm"]
+    with backend.engines["crm"].begin() as conn:
+        conn.execute(text("DROP TABLE reviews"))
+    with Sources(rules) as sources, pytest.raises(SourceUnavailable, match="table 'reviews' does not exist in system 'crm'"):
+        pipeline._largest_first(rules, sources, sorted(SYSTEMS))
