@@ -28,6 +28,7 @@ from .audit import AuditKeyMissing
 from .guard import BlastRadiusExceeded
 from .holds import HoldNotFound
 from .pipeline import ReleaseRejected
+from .process_exit import exit_now
 from .run_lock import RunInProgress
 from .rules import RulesError, load_rules
 
@@ -514,5 +515,11 @@ def print_summary(summary: dict) -> None:
         out.print(f"DPO report: {paths['html']} ({pdf}; {paths['json']})", markup=False)
 
 
+def command() -> None:
+    """The `retention` command: `main`, then the process ends with its exit code at once, without
+    the interpreter's teardown (1.4 s after a run that validated a release)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

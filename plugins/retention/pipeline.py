@@ -18,7 +18,6 @@ import pickle
 import re
 import resource
 import shutil
-import sys
 import threading
 import time
 from array import array
@@ -39,6 +38,7 @@ from . import guard, report, restore_marks
 from . import holds as holds_mod
 from .apply import Planned, RunContext, apply_batch
 from .connections import retention_home
+from .process_exit import exit_now
 from . import staging
 from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Decision, Facts, RuleStatus, decide_on,
                      event_value, reapply_after_restore, rule_status)
@@ -931,18 +931,9 @@ def _worker_started(level: int, queue) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _progress_queue = queue
     # Handlers run last registered first: those of what the steps import later (Great Expectations)
-    # run before this one; logging's, registered before, is called by it.
-    atexit.register(_end_worker)
-
-
-def _end_worker() -> None:
-    """A worker's last step, once the pool is shut down and its results sent: end the process as a
-    forked one does, without the interpreter's teardown of every module, which takes 1.4 s once
-    Great Expectations is imported (the run waited for it at the pool's shutdown)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # run before this one; logging's, registered before, is flushed by it. The worker's results have
+    # gone back through the pool's queue by then.
+    atexit.register(exit_now)
 
 
 def _report_progress(system: str, table: str, rows: int) -> None:
