@@ -12,8 +12,8 @@ import sys
 def exit_now(code: int = 0) -> None:
     """Flush what is buffered (logging, standard output and error), then end with `code`. Exit
     handlers not run yet are skipped: logging's is this flush, and the engine needs no other (its
-    temporary directories and files are closed by `with`). Open files and
-    database connections are closed by the system; commits are already durable."""
+    temporary directories and files are closed by `with`). Open files and database connections are
+    closed by the system; commits are already durable."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
