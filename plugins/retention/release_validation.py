@@ -46,10 +46,13 @@ def validate(data: pd.DataFrame, profile: pd.DataFrame, spec: Anonymisation,
              persons: pd.Series | None = None) -> Validation:
     """`persons`: the people of the records released from, as `person_codes` gives them."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    # A run's log is its own: set before the import, which logs a hundred lines at INFO (its docs
+    # registry), and after it for the one module that sets its own logger to INFO when imported.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     source = context.data_sources.add_pandas("release")
