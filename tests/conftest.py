@@ -109,6 +109,9 @@ def backend(request, retention_home, monkeypatch):
     result.create_schemas()
     yield result
     result.dispose()
+    if request.param == "postgresql":
+        for url in urls.values():
+            server.drop_database(url.rsplit("/", 1)[1])
 
 
 def outcome(urls: dict[str, str]) -> dict:

@@ -73,8 +73,19 @@ class PostgresServer:
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
                              autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            conn.execute(f'CREATE DATABASE "{name}"')
+            # A file copy of the empty template: PostgreSQL 15's default logs all of its 7.5 MB to
+            # the WAL instead, two to three times as long for the five databases of each test.
+            conn.execute(f'CREATE DATABASE "{name}" STRATEGY = FILE_COPY')
         return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop it, its connections left over included: a test's databases are not kept to the end
+        of the session, where deleting a few gigabytes of them held up its last test."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def create_role(self, name: str, login: bool = False) -> None:
         import psycopg
