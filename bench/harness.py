@@ -60,17 +60,13 @@ class Result:
         return self.night_engine_seconds / self.night_baseline_seconds if self.night_baseline_seconds else float("inf")
 
 
-def _admin(server) -> psycopg.Connection:
-    return psycopg.connect(f"host=127.0.0.1 port={server.port} user=postgres dbname=postgres", autocommit=True)
-
-
 def _libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
 def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str, int]]:
     """Generated sources in gen_<system>, then the copies engine_<system> and base_<system>."""
-    with _admin(server) as conn:
+    with server.admin() as conn:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ARCHIVE_READER]).fetchone() is None:
             conn.execute(f"CREATE ROLE {ARCHIVE_READER}")
         for name in [f"{p}_{s}" for p in ("engine", "base", "gen") for s in SYSTEMS] + ["audit", "statistics"]:
@@ -83,7 +79,7 @@ def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str,
     finally:
         for engine in engines.values():
             engine.dispose()
-    with _admin(server) as conn:
+    with server.admin() as conn:
         for system in SYSTEMS:
             for prefix in ("engine", "base"):
                 conn.execute(f"CREATE DATABASE {prefix}_{system} TEMPLATE gen_{system}")
@@ -262,5 +258,5 @@ def machine() -> str:
 
 
 def server_version(server) -> str:
-    with _admin(server) as conn:
+    with server.admin() as conn:
         return conn.execute("SHOW server_version").fetchone()[0]

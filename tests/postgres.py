@@ -67,11 +67,14 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
+    def admin(self):
+        """An autocommit connection to the server's maintenance database, as its superuser."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
+        return psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True)
+
+    def create_database(self, name: str) -> str:
+        with self.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
             # A file copy of the empty template: PostgreSQL 15's default logs all of its 7.5 MB to
             # the WAL instead, two to three times as long for the five databases of each test.
@@ -81,17 +84,11 @@ class PostgresServer:
     def drop_database(self, name: str) -> None:
         """Drop it, its connections left over included: a test's databases are not kept to the end
         of the session, where deleting a few gigabytes of them held up its last test."""
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
+        with self.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def create_role(self, name: str, login: bool = False) -> None:
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
+        with self.admin() as conn:
             conn.execute(f'CREATE ROLE "{name}"' + (" LOGIN" if login else ""))
 
     def stop(self) -> None:
