@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from datetime import date
 
 import pytest
@@ -21,6 +22,32 @@ def test_batches_come_back_in_order_with_their_types(tmp_path):
     assert list(staging.read_batches(path)) == [("companies", first), ("contacts", second)]
     assert [table for table, _ in staging.read_rows(path)] == ["companies", "contacts"]
     assert isinstance(next(staging.read_rows(path))[1], Planned)
+
+
+def test_a_reader_skips_the_frames_it_does_not_want_without_unpickling_them(tmp_path):
+    path, copy = tmp_path / "decisions.pickles", tmp_path / "to_apply.pickles"
+    due = [Planned((3,), "C3", False, "anonymise", ("statistics",), "expired")]
+    with staging.BatchWriter(path) as out:
+        out.write("companies", [Planned((1,), "C1", False, "delete", ("crm_customer",), "expired")])
+        out.write("companies", due, "anonymise")
+        out.write_frame(staging.Frame("contacts", "unreadable", 1, b"not a pickle"))
+    wanted = list(staging.read_batches(path, lambda table, tag: tag == "anonymise"))
+    assert wanted == [("companies", due)]
+    assert [(f.table, f.tag, f.count) for f in staging.read_frames(path)] == [
+        ("companies", None, 1), ("companies", "anonymise", 1), ("contacts", "unreadable", 1)]
+    with pytest.raises(pickle.UnpicklingError):  # read whole, the bad frame is met: skipped above unread
+        list(staging.read_batches(path))
+    with staging.BatchWriter(copy) as out:  # frames copied as they are, bytes and all
+        for frame in staging.read_frames(path):
+            out.write_frame(frame)
+    assert copy.read_bytes() == path.read_bytes()
+
+
+def test_a_file_of_another_layout_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "decisions.pickles"
+    path.write_bytes(pickle.dumps(("companies", [((1,),)])))  # as the engine wrote them before frames
+    with pytest.raises(staging.StagingError, match="another version of retention: run this run again from its first"):
+        list(staging.read_rows(path))
 
 
 def test_a_step_that_fails_leaves_no_half_written_file(tmp_path):

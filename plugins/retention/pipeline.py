@@ -349,7 +349,7 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
             elif len(counted) >= _Decider.LIMIT:
                 _count_all(tally, rules, run, system, table_name, counted)
             subjects: dict = {}  # rows of a batch often share a subject: one HMAC each, per batch
-            planned = []
+            planned, due = [], []  # due for anonymisation: a frame of their own, the one step that reads them
             memo = decider.memo
             for row_key, subject, archived, present, identifiers, events in rows:
                 # The memo looked up here first: a call per row cost more than most rows' whole decision.
@@ -368,11 +368,15 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                     decision = reapply_after_restore(decision, present, found[1])
                     found = next(restored, None)
                 counted.setdefault(id(decision), [decision, 0])[1] += 1
-                if decision.action in CHANGING:
-                    dates = decider.dates(events) if decision.action == ANONYMISE else None
+                if decision.action == ANONYMISE:
+                    due.append(Planned(row_key, subject, archived, ANONYMISE, decision.rules, decision.reason,
+                                       decision.fields, identifiers, decision.replayed, decision.suppress,
+                                       decider.dates(events)))
+                elif decision.action in CHANGING:
                     planned.append(Planned(row_key, subject, archived, decision.action, decision.rules, decision.reason,
-                                           decision.fields, identifiers, decision.replayed, decision.suppress, dates))
+                                           decision.fields, identifiers, decision.replayed, decision.suppress))
             out.write(table_name, planned)
+            out.write(table_name, due, ANONYMISE)
         if decider is not None:
             _count_all(tally, rules, run, system, decider.table.name, counted)
     tally.merge(Tally.from_json(staging.read_json(_staging(run, system, "kept", ".json"))))
@@ -465,7 +469,9 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     that fails validation stops the run at the guard, before any change."""
     decisions = _staging(run, system, "decisions")
     tables = [t for t in rules.system(system).tables.values() if t.anonymise]
-    due = Counter(t for t, p in staging.read_rows(decisions) if p.action == ANONYMISE) if tables else Counter()
+    due: Counter = Counter()
+    for frame in staging.read_frames(decisions, _due()) if tables else ():
+        due[frame.table] += frame.count
     if not due:
         staging.write_json(_staging(run, system, "anonymised", ".json"), [])
         shutil.copyfile(decisions, _staging(run, system, "to_apply"))
@@ -475,34 +481,42 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     for table in tables:
         if due[table.name]:
             # Streamed from the staging file: only the compact attribute frame is held in memory.
-            rows = (p for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name
-                    and p.key not in referenced[table.name])
+            rows = (p for _, p in staging.read_rows(decisions, _due(table.name)) if p.key not in referenced[table.name])
             evidence, notes[table.name] = _build_release(sources, run, system, table, rows)
             outcomes.append(evidence)
     staging.write_json(_staging(run, system, "anonymised", ".json"), outcomes)
     seen: Counter = Counter()
     kept = Tally()
+    reasons: dict = {}  # (reason, suffix) -> one string: not one copy per record in the file
     with staging.BatchWriter(_staging(run, system, "to_apply")) as out:
-        for table_name, batch in staging.read_batches(decisions):
+        for frame in staging.read_frames(decisions):
+            if frame.tag != ANONYMISE:  # the other decisions go on as they are, unread
+                out.write_frame(frame)
+                continue
             acted = []
-            for planned in batch:
-                if planned.action == ANONYMISE:
-                    by = referenced[table_name].get(planned.key)
-                    if by:
-                        kept.add(system, table_name, planned.rules, KEEP,
-                                 f"{planned.reason}; kept while rows of {by} that reference it are kept")
-                        continue
-                    released, suppressed_at, suppressed = notes[table_name]
-                    planned = planned._replace(reason=planned.reason + (
-                        suppressed if suppressed_at[seen[table_name]] else released))
-                    seen[table_name] += 1  # the frame holds the table's records in file order
-                acted.append(planned)
-            out.write(table_name, acted)
+            for planned in frame.rows():
+                by = referenced[frame.table].get(planned.key)
+                if by:
+                    kept.add(system, frame.table, planned.rules, KEEP,
+                             f"{planned.reason}; kept while rows of {by} that reference it are kept")
+                    continue
+                released, suppressed_at, suppressed = notes[frame.table]
+                suffix = suppressed if suppressed_at[seen[frame.table]] else released
+                reason = reasons.get((planned.reason, suffix)) or reasons.setdefault(
+                    (planned.reason, suffix), planned.reason + suffix)
+                acted.append(planned._replace(reason=reason))
+                seen[frame.table] += 1  # the frame holds the table's records in file order
+            out.write(frame.table, acted, ANONYMISE)
     if kept.records:
         tally = read_tally(run, system)
         tally.move(kept, ANONYMISE)
         staging.write_json(_staging(run, system, "tally", ".json"), tally.to_json())
     return outcomes
+
+
+def _due(table: str | None = None) -> staging.Wanted:
+    """The decisions' frames of records due for anonymisation (of one table)."""
+    return lambda t, tag: tag == ANONYMISE and table in (None, t)
 
 
 def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec) -> dict:
@@ -518,11 +532,11 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
     decisions = _staging(run, system, "decisions")
     # Every row the run removes from the referencing tables (millions on a first run), compactly.
     going = {child: RowKeys() for child, _ in links}
-    for t, p in staging.read_rows(decisions):
-        if t in going and p.action in REMOVING + (ARCHIVE,):
+    for t, p in staging.read_rows(decisions, lambda t, _: t in going):
+        if p.action in REMOVING + (ARCHIVE,):
             going[t].add(_bare(p.key))
     # The due records' keys, streamed from the staging file chunk by chunk rather than held.
-    due = (p.key[0] for t, p in staging.read_rows(decisions) if p.action == ANONYMISE and t == table.name)
+    due = (p.key[0] for _, p in staging.read_rows(decisions, _due(table.name)))
     found: dict = {}
     for chunk in staging.chunks(due, run.batch_size):
         for child, column in links:
