@@ -233,6 +233,16 @@ def test_the_outbox_is_emptied_during_the_apply_step_once_the_store_has_its_entr
     assert drained == ["crm"]
 
 
+def test_the_apply_step_joins_a_tables_staged_batches_back_up_to_the_batch_size():
+    """The records due for anonymisation are staged apart from the other decisions of their batch:
+    applied as staged, a table with both would take twice the transactions."""
+    staged = [("contacts", [1, 2]), ("contacts", [3]), ("contacts", [4, 5]), ("companies", [6]), ("companies", [7, 8])]
+    assert list(pipeline._joined(iter(staged), 3)) == [
+        ("contacts", [1, 2, 3]), ("contacts", [4, 5]), ("companies", [6, 7, 8])]
+    assert list(pipeline._joined(iter(staged), 1)) == staged  # a batch larger than the size stays whole
+    assert list(pipeline._joined(iter([]), 3)) == []
+
+
 def test_a_decision_taken_once_per_signature_is_the_decision_of_each_row(monkeypatch):
     """Rows that differ only in what the signature leaves out (key, subject) share a decision; rows
     that differ in filled fields, archive state or hold get their own, memos cleared or not. Each

@@ -487,13 +487,13 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     staging.write_json(_staging(run, system, "anonymised", ".json"), outcomes)
     seen: Counter = Counter()
     kept = Tally()
-    reasons: dict = {}  # (reason, suffix) -> one string: not one copy per record in the file
     with staging.BatchWriter(_staging(run, system, "to_apply")) as out:
         for frame in staging.read_frames(decisions):
             if frame.tag != ANONYMISE:  # the other decisions go on as they are, unread
                 out.write_frame(frame)
                 continue
             acted = []
+            reasons: dict = {}  # (reason, suffix) -> one string per batch, as pickled: not one per record
             for planned in frame.rows():
                 by = referenced[frame.table].get(planned.key)
                 if by:
@@ -654,7 +654,7 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     # database. One batch at a time, in order: the chain keeps the order of the changes.
     with ThreadPoolExecutor(1, thread_name_prefix="publish") as publisher:
         publishing = None
-        for table_name, batch in staging.read_batches(_staging(run, system, "to_apply")):
+        for table_name, batch in _joined(staging.read_batches(_staging(run, system, "to_apply")), run.batch_size):
             if in_outbox >= OUTBOX_CLEARED_EVERY:  # all it holds must be published first
                 published += publishing.result()
                 store.clear_outbox(sources, system, in_outbox)
@@ -681,6 +681,20 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     log.info("applied on %s: %s; %d audit entries published", system, dict(done), published)
     staging.write_json(_staging(run, system, "applied", ".json"), dict(done))
     return done
+
+
+def _joined(batches: Iterator[tuple[str, list]], size: int) -> Iterator[tuple[str, list]]:
+    """Consecutive batches of one table joined up to `size` rows: the records due for anonymisation
+    are staged in batches of their own, which would otherwise add a transaction in each source and
+    in the store per batch of a table that has both."""
+    held_table, held = None, []
+    for table, batch in batches:
+        if held and (table != held_table or len(held) + len(batch) > size):
+            yield held_table, held
+            held = []
+        held_table, held = table, held + batch if held else batch
+    if held:
+        yield held_table, held
 
 
 def _open_statistics(sources: Sources, spec: SystemSpec, run: Run, releases: list[dict]):
