@@ -6,9 +6,9 @@ tuples, about twenty times cheaper to write and read than JSON lines. Each batch
 header (table, tag, rows, bytes), then the pickled rows, so a reader skips the frames it does not
 want, or copies them whole, without unpickling them: the anonymise step wants the records due for
 anonymisation among millions of decisions (at the benchmark's scale 1, three to five passes over a
-system's file, 1.9 s each for marketing's 1.5 million, then a rewrite of it all). They are written and read only by the engine, inside the run's
-own directory, and removed when the run is summarised; small results (tallies, releases, the
-guard's verdict) are JSON, readable by people.
+system's file, 1.9 s each for marketing's 1.5 million, then a rewrite of it all). They are written
+and read only by the engine, inside the run's own directory, and removed when the run is summarised;
+small results (tallies, releases, the guard's verdict) are JSON, readable by people.
 """
 
 from __future__ import annotations
