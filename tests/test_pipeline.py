@@ -233,6 +233,25 @@ def test_the_outbox_is_emptied_during_the_apply_step_once_the_store_has_its_entr
     assert drained == ["crm"]
 
 
+def test_a_batch_with_records_due_for_anonymisation_is_applied_in_one_transaction(backend, monkeypatch):
+    """They are staged apart from the batch's other decisions (the anonymise step reads only them);
+    the apply step still applies the batch at once."""
+    for number, status in (("H1", "litigation"), ("C2", "resolved")):
+        company(backend, number, "2010-01-01")
+        contract(backend, int(number[1]), number, "2010-01-01", "2012-12-31")
+        backend.insert("crm", "claims", dict(claim_id=int(number[1]), customer_number=number,
+                                             opened_on=D("2012-06-01"), status=status, description="dispute"))
+    applied, real = [], pipeline.apply_batch
+
+    def apply_batch(sources, spec, batch, run):
+        applied.append((spec.name, sorted({p.action for p in batch})))
+        return real(sources, spec, batch, run)
+
+    monkeypatch.setattr(pipeline, "apply_batch", apply_batch)
+    run_retention("2024-01-10")
+    assert [a for t, a in applied if t == "companies"] == [["anonymise", "archive"]]  # H1 held, C2 not
+
+
 def test_the_apply_step_joins_a_tables_staged_batches_back_up_to_the_batch_size():
     """The records due for anonymisation are staged apart from the other decisions of their batch:
     applied as staged, a table with both would take twice the transactions."""
