@@ -368,13 +368,11 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                     decision = reapply_after_restore(decision, present, found[1])
                     found = next(restored, None)
                 counted.setdefault(id(decision), [decision, 0])[1] += 1
-                if decision.action == ANONYMISE:
-                    due.append(Planned(row_key, subject, archived, ANONYMISE, decision.rules, decision.reason,
-                                       decision.fields, identifiers, decision.replayed, decision.suppress,
-                                       decider.dates(events)))
-                elif decision.action in CHANGING:
-                    planned.append(Planned(row_key, subject, archived, decision.action, decision.rules, decision.reason,
-                                           decision.fields, identifiers, decision.replayed, decision.suppress))
+                if decision.action in CHANGING:
+                    anonymise = decision.action == ANONYMISE
+                    (due if anonymise else planned).append(Planned(
+                        row_key, subject, archived, decision.action, decision.rules, decision.reason, decision.fields,
+                        identifiers, decision.replayed, decision.suppress, decider.dates(events) if anonymise else None))
             out.write(table_name, planned)
             out.write(table_name, due, ANONYMISE)
         if decider is not None:
