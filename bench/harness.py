@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("crm", "accounting", "marketing")
 ARCHIVE_READER = "legal_archive_reader"  # the data map's archive_reader_role
 OUTBOX = "retention_audit_outbox"  # the engine's own, emptied by publishing: not part of the end state
+STORE = "retention_audit"  # the audit store's entries
 MARKER = "retention_restore_marker"  # the engine's own, a random value: not part of the end state
 AUDIT_KEY = "b" * 64
 
@@ -50,10 +51,19 @@ class Result:
     night_cpu_seconds: float = 0.0
     night_steps: list = field(default_factory=list)
     night_mismatches: list = field(default_factory=list)
+    # The first night's entries written again in SQL alone (entries_floor): what the audit costs at least.
+    floor_entries: int = 0
+    floor_outbox_seconds: float = 0.0
+    floor_store_seconds: float = 0.0
 
     @property
     def ratio(self) -> float:
         return self.engine_seconds / self.baseline_seconds if self.baseline_seconds else float("inf")
+
+    @property
+    def floor_ratio(self) -> float:
+        seconds = self.floor_outbox_seconds + self.floor_store_seconds
+        return seconds / self.baseline_seconds if self.baseline_seconds else float("inf")
 
     @property
     def night_ratio(self) -> float:
@@ -231,7 +241,47 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
     result.night_baseline_actions = baseline.run(conninfo, next_day, AUDIT_KEY.encode())
     result.night_baseline_seconds = time.perf_counter() - started
     result.night_mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
+    result.floor_entries, result.floor_outbox_seconds, result.floor_store_seconds = entries_floor(server, as_of)
     return result
+
+
+def entries_floor(server, as_of: date) -> tuple[int, float, float]:
+    """The entries of the night `as_of` written again in SQL alone where the enforcement writes them:
+    into a copy of each source's outbox and of the store's table, indexes included, from rows staged
+    beforehand in the same database. (entries, seconds for the outboxes, for the store): a lower bound
+    of what writing the audit costs the enforcement before any Python runs (one statement per table,
+    no transfer, no parsing). Run after both nights: it times nothing else's work."""
+    outbox_seconds = 0.0
+    with psycopg.connect(_libpq(server.url("audit")), autocommit=True) as store:
+        for system in SYSTEMS:
+            with psycopg.connect(_libpq(server.url(f"engine_{system}")), autocommit=True) as source:
+                columns = ", ".join(row[0] for row in source.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                    "ORDER BY ordinal_position", [OUTBOX]))
+                if not columns:  # the enforcement changed nothing there
+                    continue
+                source.execute(f"CREATE TABLE bench_floor_rows (LIKE {OUTBOX})")
+                query = (f"SELECT {columns} FROM {STORE} WHERE system = '{system}' AND as_of = '{as_of}' "
+                         "ORDER BY recorded_at, entry_id")  # the outbox's order, as the enforcement writes it
+                with store.cursor().copy(f"COPY ({query}) TO STDOUT") as out, \
+                        source.cursor().copy("COPY bench_floor_rows FROM STDIN") as into:
+                    for chunk in out:
+                        into.write(chunk)
+                outbox_seconds += _timed_insert(source, OUTBOX)[1]
+        store.execute(f"CREATE TABLE bench_floor_rows AS SELECT * FROM {STORE} WHERE as_of = %s ORDER BY seq", [as_of])
+        entries, store_seconds = _timed_insert(store, STORE)
+    return entries, outbox_seconds, store_seconds
+
+
+def _timed_insert(conn: psycopg.Connection, like: str) -> tuple[int, float]:
+    """(rows, seconds) of inserting bench_floor_rows into an empty copy of `like`, then dropping both."""
+    conn.execute(f"CREATE TABLE bench_floor_copy (LIKE {like} INCLUDING ALL)")
+    conn.execute("CHECKPOINT")  # the staged rows' writes are not charged to the insert
+    started = time.perf_counter()
+    rows = conn.execute("INSERT INTO bench_floor_copy SELECT * FROM bench_floor_rows").rowcount
+    seconds = time.perf_counter() - started
+    conn.execute("DROP TABLE bench_floor_copy, bench_floor_rows")
+    return rows, seconds
 
 
 def _applied(summary: dict) -> int:
