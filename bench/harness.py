@@ -52,7 +52,8 @@ class Result:
     night_steps: list = field(default_factory=list)
     night_mismatches: list = field(default_factory=list)
     # The first night's entries written again in SQL alone (entries_floor): what the audit costs at least.
-    floor_entries: int = 0
+    floor_entries: int = 0  # in the store's copy
+    floor_outbox_entries: int = 0  # in the outboxes' copies: every change's entry, not the run's own events
     floor_outbox_seconds: float = 0.0
     floor_store_seconds: float = 0.0
 
@@ -241,17 +242,18 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
     result.night_baseline_actions = baseline.run(conninfo, next_day, AUDIT_KEY.encode())
     result.night_baseline_seconds = time.perf_counter() - started
     result.night_mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
-    result.floor_entries, result.floor_outbox_seconds, result.floor_store_seconds = entries_floor(server, as_of)
+    (result.floor_entries, result.floor_store_seconds), (result.floor_outbox_entries, result.floor_outbox_seconds) = \
+        entries_floor(server, as_of)
     return result
 
 
-def entries_floor(server, as_of: date) -> tuple[int, float, float]:
+def entries_floor(server, as_of: date) -> tuple[tuple[int, float], tuple[int, float]]:
     """The entries of the night `as_of` written again in SQL alone where the enforcement writes them:
     into a copy of each source's outbox and of the store's table, indexes included, from rows staged
-    beforehand in the same database. (entries, seconds for the outboxes, for the store): a lower bound
+    beforehand in the same database. (entries, seconds) for the store, then the outboxes: a lower bound
     of what writing the audit costs the enforcement before any Python runs (one statement per table,
     no transfer, no parsing). Run after both nights: it times nothing else's work."""
-    outbox_seconds = 0.0
+    outbox_rows, outbox_seconds = 0, 0.0
     with psycopg.connect(_libpq(server.url("audit")), autocommit=True) as store:
         for system in SYSTEMS:
             with psycopg.connect(_libpq(server.url(f"engine_{system}")), autocommit=True) as source:
@@ -267,10 +269,10 @@ def entries_floor(server, as_of: date) -> tuple[int, float, float]:
                         source.cursor().copy("COPY bench_floor_rows FROM STDIN") as into:
                     for chunk in out:
                         into.write(chunk)
-                outbox_seconds += _timed_insert(source, OUTBOX)[1]
+                rows, seconds = _timed_insert(source, OUTBOX)
+                outbox_rows, outbox_seconds = outbox_rows + rows, outbox_seconds + seconds
         store.execute(f"CREATE TABLE bench_floor_rows AS SELECT * FROM {STORE} WHERE as_of = %s ORDER BY seq", [as_of])
-        entries, store_seconds = _timed_insert(store, STORE)
-    return entries, outbox_seconds, store_seconds
+        return _timed_insert(store, STORE), (outbox_rows, outbox_seconds)
 
 
 def _timed_insert(conn: psycopg.Connection, like: str) -> tuple[int, float]:

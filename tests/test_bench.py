@@ -22,6 +22,7 @@ def test_enforcement_and_hand_written_sql_leave_the_same_sources(postgres):
     assert result.night_actions == result.night_baseline_actions > 0
     # The floor of the audit's cost rewrites every entry of the first night, in the sources and the store.
     assert result.floor_entries == result.audit_entries
+    assert result.engine_actions <= result.floor_outbox_entries <= result.floor_entries
     assert result.floor_outbox_seconds > 0 and result.floor_store_seconds > 0
     # Each night's steps are printed: where the nightly time goes.
     for steps in (result.engine_steps, result.night_steps):
