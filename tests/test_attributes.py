@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from retention import audit, pipeline, staging
+from retention.apply import Planned
 from retention.attributes import _Column, attribute_frame
 from retention.decide import ANONYMISE
 from retention.demo.seed import seed
@@ -29,7 +30,7 @@ def test_the_frame_is_the_same_whatever_the_chunk_size(backend):
             pipeline.extract_system(rules, sources, run, system, key)
             pipeline.decide_system(rules, run, system, {}, key, None)
             due: dict = {}
-            for table, planned in staging.read_rows(pipeline._staging(run, system, "decisions")):
+            for table, planned in staging.read_rows(pipeline._staging(run, system, "decisions"), make=Planned._make):
                 if planned.action == ANONYMISE:
                     due.setdefault(table, []).append(planned)
             for table, rows in due.items():

@@ -370,7 +370,8 @@ def decide_system(rules: Rules, run: Run, system: str, held: dict, key: bytes,
                 counted.setdefault(id(decision), [decision, 0])[1] += 1
                 if decision.action in CHANGING:
                     anonymise = decision.action == ANONYMISE
-                    (due if anonymise else planned).append(Planned(
+                    # A Planned's fields, in its order, as a plain tuple (staging.BatchWriter.write).
+                    (due if anonymise else planned).append((
                         row_key, subject, archived, decision.action, decision.rules, decision.reason, decision.fields,
                         identifiers, decision.replayed, decision.suppress, decider.dates(events) if anonymise else None))
             out.write(table_name, planned)
@@ -479,7 +480,8 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
     for table in tables:
         if due[table.name]:
             # Streamed from the staging file: only the compact attribute frame is held in memory.
-            rows = (p for _, p in staging.read_rows(decisions, _due(table.name)) if p.key not in referenced[table.name])
+            rows = (p for _, p in staging.read_rows(decisions, _due(table.name), Planned._make)
+                    if p.key not in referenced[table.name])
             evidence, notes[table.name] = _build_release(sources, run, system, table, rows)
             outcomes.append(evidence)
     staging.write_json(_staging(run, system, "anonymised", ".json"), outcomes)
@@ -492,7 +494,7 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
                 continue
             acted = []
             reasons: dict = {}  # (reason, suffix) -> one string per batch, as pickled: not one per record
-            for planned in frame.rows():
+            for planned in frame.rows(Planned._make):
                 by = referenced[frame.table].get(planned.key)
                 if by:
                     kept.add(system, frame.table, planned.rules, KEEP,
@@ -502,7 +504,7 @@ def anonymise_system(rules: Rules, sources: Sources, run: Run, system: str) -> l
                 suffix = suppressed if suppressed_at[seen[frame.table]] else released
                 reason = reasons.get((planned.reason, suffix)) or reasons.setdefault(
                     (planned.reason, suffix), planned.reason + suffix)
-                acted.append(planned._replace(reason=reason))
+                acted.append(tuple(planned._replace(reason=reason)))
                 seen[frame.table] += 1  # the frame holds the table's records in file order
             out.write(frame.table, acted, ANONYMISE)
     if kept.records:
@@ -530,11 +532,11 @@ def _still_referenced(sources: Sources, run: Run, system: str, table: TableSpec)
     decisions = _staging(run, system, "decisions")
     # Every row the run removes from the referencing tables (millions on a first run), compactly.
     going = {child: RowKeys() for child, _ in links}
-    for t, p in staging.read_rows(decisions, lambda t, _: t in going):
+    for t, p in staging.read_rows(decisions, lambda t, _: t in going, Planned._make):
         if p.action in REMOVING + (ARCHIVE,):
             going[t].add(_bare(p.key))
     # The due records' keys, streamed from the staging file chunk by chunk rather than held.
-    due = (p.key[0] for _, p in staging.read_rows(decisions, _due(table.name)))
+    due = (p.key[0] for _, p in staging.read_rows(decisions, _due(table.name), Planned._make))
     found: dict = {}
     for chunk in staging.chunks(due, run.batch_size):
         for child, column in links:
@@ -652,7 +654,8 @@ def apply_system(rules: Rules, sources: Sources, store: audit_mod.AuditStore, ru
     # database. One batch at a time, in order: the chain keeps the order of the changes.
     with ThreadPoolExecutor(1, thread_name_prefix="publish") as publisher:
         publishing = None
-        for table_name, batch in _joined(staging.read_batches(_staging(run, system, "to_apply")), run.batch_size):
+        for table_name, batch in _joined(staging.read_batches(_staging(run, system, "to_apply"), make=Planned._make),
+                                         run.batch_size):
             if in_outbox >= OUTBOX_CLEARED_EVERY:  # all it holds must be published first
                 published += publishing.result()
                 store.clear_outbox(sources, system, in_outbox)
