@@ -14,6 +14,7 @@ import pendulum
 from airflow.sdk import DAG, Param, TaskGroup, get_current_context, task
 
 from retention.rules import system_names
+from retention.staging import DEFAULT_BATCH
 
 SYSTEMS = system_names()
 
@@ -29,7 +30,7 @@ with DAG(
         "dry_run": Param(False, type="boolean", description="Decide and report, change nothing."),
         "systems": Param(SYSTEMS, type="array", items={"type": "string", "enum": SYSTEMS},
                          description="Systems to act on (default: all)."),
-        "batch_size": Param(2000, type="integer", minimum=1, description="Rows per batch and transaction."),
+        "batch_size": Param(DEFAULT_BATCH, type="integer", minimum=1, description="Rows per batch and transaction."),
         "force": Param(False, type="boolean",
                        description="Go past the blast-radius guard; the override is recorded in the audit trail."),
     },

@@ -31,6 +31,7 @@ from .pipeline import ReleaseRejected
 from .process_exit import exit_now
 from .run_lock import RunInProgress
 from .rules import RulesError, load_rules
+from .staging import DEFAULT_BATCH
 
 (EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_RULES, EXIT_DATABASE, EXIT_TAMPERED, EXIT_GUARD, EXIT_BUSY,
  EXIT_RELEASE) = range(9)
@@ -143,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--as-of", required=True, help="the date decisions are taken as of (YYYY-MM-DD)")
         sub.add_argument("--system", action="append", help="limit to this system (repeatable)")
         sub.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-        sub.add_argument("--batch-size", type=int, default=2000, help="rows per batch and transaction")
+        sub.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                         help=f"rows per batch and transaction (default {DEFAULT_BATCH})")
         sub.add_argument("--force", action="store_true",
                          help="go past the blast-radius guard (recorded in the audit trail)")
         sub.add_argument("--workers", type=int, default=1,

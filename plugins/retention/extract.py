@@ -32,8 +32,8 @@ from .audit import identifier_hash
 from .decide import ONGOING
 from .rules import Related, TableSpec, needed_items, used_events
 from .sources import Sources, bulk_insert, copy_rows
+from .staging import DEFAULT_BATCH
 
-DEFAULT_BATCH = 2000
 STAGED_PREFIX = "retention_related_"
 NOT_A_DATE = -1  # an event's code when its value is text that is not a date (SQLite stores dates as text)
 NEVER = -2  # an event that never happened, in a signature matched by equality (NULL equals nothing)

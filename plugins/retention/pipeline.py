@@ -43,7 +43,7 @@ from . import staging
 from .decide import (ACTIONS, ANONYMISE, ARCHIVE, CHANGING, KEEP, REMOVING, Decision, Facts, RuleStatus, decide_on,
                      event_value, reapply_after_restore, rule_status)
 from .chain import read_published_heads, write_published_head
-from .extract import DEFAULT_BATCH, NOT_A_DATE, Extraction, NotADate
+from .extract import NOT_A_DATE, Extraction, NotADate
 from .rules import Rules, SystemSpec, TableSpec, used_events
 from .run_lock import RunLock
 from .sources import Sources
@@ -62,7 +62,7 @@ class Run:
     as_of: date
     systems: list[str]
     dry_run: bool = False
-    batch_size: int = DEFAULT_BATCH
+    batch_size: int = staging.DEFAULT_BATCH
     kind: str = "manual"  # scheduled | manual | backfill | cli
     force: bool = False  # let a run through the blast-radius guard (recorded in the audit trail)
 

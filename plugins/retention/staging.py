@@ -23,6 +23,12 @@ from itertools import islice
 from pathlib import Path
 
 
+# Rows per batch: of a row file's frames, of the extraction's reads and of each apply transaction
+# (the default of `--batch-size` and of the DAG's `batch_size`; larger ones measured no faster:
+# bench/HISTORY.md).
+DEFAULT_BATCH = 2000
+
+
 def directory(run_directory: Path, system: str) -> Path:
     path = run_directory / "staging" / system
     path.mkdir(parents=True, exist_ok=True)
