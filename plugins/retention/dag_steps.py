@@ -31,8 +31,8 @@ def run_from_context(context) -> Run:
     systems = [s for s in (params.get("systems") or sorted(rules.systems))]
     kind = str(getattr(dag_run, "run_type", "manual")).split(".")[-1].lower()
     return Run(run_id=dag_run.run_id, as_of=as_of_date(dag_run, rules.settings.timezone), systems=systems,
-               dry_run=bool(params.get("dry_run")), batch_size=int(params.get("batch_size") or DEFAULT_BATCH), kind=kind,
-               force=bool(params.get("force")))
+               dry_run=bool(params.get("dry_run")), batch_size=int(params.get("batch_size") or DEFAULT_BATCH),
+               kind=kind, force=bool(params.get("force")))
 
 
 def acquire_run_lock(context) -> bool:
