@@ -100,8 +100,9 @@ class _Column:
 
 def _part(sources: Sources, table: TableSpec, part: list) -> pd.DataFrame:
     spec = table.anonymise
-    own = [a for a in spec.attributes() if a.column]
-    related = [a for a in spec.attributes() if a.related]
+    attributes = spec.attributes()
+    own = [a for a in attributes if a.column]
+    related = [a for a in attributes if a.related]
     columns = list(dict.fromkeys([spec.person] + [a.column for a in own] + [a.related.local for a in related]))
     records: list[dict] = []
     if part:
@@ -116,17 +117,18 @@ def _part(sources: Sources, table: TableSpec, part: list) -> pd.DataFrame:
             totals = _related_aggregate(sources, attr.related, attr.aggregate, links)
             for v in values:
                 v[f"__rel__{attr.name}"] = totals.get(v.get(attr.related.local))
+        # Where each attribute is read from, resolved once: the loop below runs once per record.
+        events = [(a.name, a.event) for a in attributes if a.event]
+        read = [(a.name, a.column or f"__rel__{a.name}") for a in attributes if not a.event]
         for r, v in zip(part, values):
             record = {PERSON: v.get(spec.person)}
-            for attr in spec.attributes():
-                if attr.event:
-                    record[attr.name] = (r.events or {}).get(attr.event)
-                elif attr.column:
-                    record[attr.name] = v.get(attr.column)
-                else:
-                    record[attr.name] = v.get(f"__rel__{attr.name}")
+            dates = r.events or {}
+            for name, event in events:
+                record[name] = dates.get(event)
+            for name, column in read:
+                record[name] = v.get(column)
             records.append(record)
-    return _typed(pd.DataFrame.from_records(records, columns=[PERSON] + [a.name for a in spec.attributes()]), table)
+    return _typed(pd.DataFrame.from_records(records, columns=[PERSON] + [a.name for a in attributes]), table)
 
 
 def _typed(frame: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
