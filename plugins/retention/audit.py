@@ -318,10 +318,11 @@ class AuditStore:
             return 0
         ids = [e["entry_id"] for e in entries]
         fresh = entries
+        texts = chain.prepared(entries)  # before the head's lock, which the other systems' writers wait for
         try:
             # The store nearly never has them: chained in as they are, without looking each one up first.
             with self.engine.begin() as conn:
-                self._chain_in(conn, fresh)
+                self._chain_in(conn, fresh, texts)
         except IntegrityError:  # it had some (entry_id is its key): the whole attempt rolled back
             with self.engine.begin() as conn:
                 known = set(conn.scalars(select(self.entries.c.entry_id).where(
@@ -363,15 +364,15 @@ class AuditStore:
                 conn.execute(delete(outbox).where(outbox.c.recorded_at == recorded_at,
                                                   one_of(outbox.c.entry_id, same, conn.dialect.name)))
 
-    def _chain_in(self, conn, entries: list[dict]) -> None:
-        """Append entries to the chain inside the caller's transaction. Writing the head first takes
-        the write lock (a row lock on PostgreSQL, the database lock on SQLite), so concurrent
-        writers extend the chain one after the other."""
+    def _chain_in(self, conn, entries: list[dict], texts: list[str] | None = None) -> None:
+        """Append entries (and their `chain.prepared` texts, if made) to the chain inside the caller's
+        transaction. Writing the head first takes the write lock (a row lock on PostgreSQL, the
+        database lock on SQLite), so concurrent writers extend the chain one after the other."""
         seq, prev = conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq)
                                  .returning(self.head.c.seq, self.head.c.entry_hash)).one()
         if not entries:
             return
-        seq, prev = chain.chain(entries, seq, prev)
+        seq, prev = chain.chain(entries, seq, prev, texts)
         bulk_insert(conn, self.entries, entries)
         conn.execute(update(self.head).where(self.head.c.id == 1).values(seq=seq, entry_hash=prev))
 

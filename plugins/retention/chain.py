@@ -41,26 +41,30 @@ def _iso(value: date, _zone) -> str:
 # Built once: every entry of every run is linked, and verified, through them. json's C encoder is
 # made here rather than by JSONEncoder.encode, which makes a new one per call (a third of the cost of
 # a link); the text is json.dumps(values, separators=(",", ":"), default=_plain)'s.
-_fields = itemgetter(*CHAINED_FIELDS)
 _SEQ, _PREV = CHAINED_FIELDS.index("seq"), CHAINED_FIELDS.index("prev_hash")
+_own = itemgetter(*CHAINED_FIELDS[:-2])  # an entry's fields but the last two: its place in the chain
 _encode = c_make_encoder(None, _plain, encode_basestring_ascii, None, ":", ",", False, False, True)
 
 
-def link(prev_hash: str, entry: dict) -> str:
-    """The hash of an entry: over the previous hash and every field, in a fixed order."""
-    return _link(prev_hash, _fields(entry))
-
-
 def _link(prev_hash: str, values: tuple) -> str:
+    """The hash of an entry: over the previous hash and every field, in a fixed order."""
     return hashlib.sha256((prev_hash + "".join(_encode(values, 0))).encode()).hexdigest()
 
 
-def chain(entries: list[dict], seq: int, prev_hash: str) -> tuple[int, str]:
-    """Number and link entries after (seq, prev_hash), in place; returns the new head."""
-    for entry in entries:
+def prepared(entries: list[dict]) -> list[str]:
+    """Each entry's text up to its place in the chain (its number and the previous hash, the last two
+    fields), which `chain` completes: made before the chain's head is locked, as encoding is most of
+    a link's cost and every writer of the store waits for that lock."""
+    return ["".join(_encode(_own(entry), 0))[:-1] for entry in entries]
+
+
+def chain(entries: list[dict], seq: int, prev_hash: str, texts: list[str] | None = None) -> tuple[int, str]:
+    """Number and link entries after (seq, prev_hash), in place, from their `prepared` texts (made
+    here unless given); returns the new head. The text hashed is `_link`'s."""
+    for entry, text in zip(entries, prepared(entries) if texts is None else texts, strict=True):
         seq += 1
         entry["seq"], entry["prev_hash"] = seq, prev_hash
-        entry["entry_hash"] = prev_hash = link(prev_hash, entry)
+        entry["entry_hash"] = prev_hash = hashlib.sha256(f'{prev_hash}{text},{seq},"{prev_hash}"]'.encode()).hexdigest()
     return seq, prev_hash
 
 
