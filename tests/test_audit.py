@@ -63,6 +63,20 @@ def test_untouched_trail_verifies(trail, retention_home):
     assert result.entries == 7 and result.head_seq == 7 and result.heads_checked == 1
 
 
+def test_the_trail_is_read_by_pages_each_entry_once_in_order(trail):
+    """Verification reads the trail a page at a time, the next page while the last is checked."""
+    store = AuditStore.open(create=False)
+    whole = list(store.entries_in_order())
+    assert [row.seq for row in whole] == list(range(1, 8))
+    for size in (1, 2, 3, 6, 7, 8):
+        assert list(store.entries_in_order(batch_size=size)) == whole
+        assert list(store.entries_in_order(after=3, batch_size=size)) == whole[3:]
+    reading = store.entries_in_order(batch_size=2)
+    assert [next(reading).seq for _ in range(3)] == [1, 2, 3]
+    reading.close()  # a caller that stops early leaves no reader behind
+    assert list(store.entries_in_order(after=7, batch_size=2)) == []
+
+
 def test_changed_field_is_detected(trail, retention_home):
     sql(trail, "UPDATE retention_audit SET reason = 'kept' WHERE seq = 3")
     result = verify(retention_home)

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy import (BigInteger, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, and_,
@@ -416,14 +417,21 @@ class AuditStore:
             return
         columns = [self.entries.c[name] for name in chain.STORED_FIELDS]
         seq = columns[chain.STORED_FIELDS.index("seq")]
-        last = after
-        while True:
+
+        def page(last: int) -> list:
             with self.engine.connect() as conn:
-                rows = conn.execute(select(*columns).where(seq > last).order_by(seq).limit(batch_size)).all()
-            yield from rows
-            if len(rows) < batch_size:
-                return
-            last = rows[-1].seq
+                return conn.execute(select(*columns).where(seq > last).order_by(seq).limit(batch_size)).all()
+
+        # The next page is read while the caller checks this one: a first night's full verification
+        # read 2.4 million entries for 12 s and hashed them for 11, one after the other.
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            rows = page(after)
+            while True:
+                following = reader.submit(page, rows[-1].seq) if len(rows) == batch_size else None
+                yield from rows
+                if following is None:
+                    return
+                rows = following.result()
 
     def verify(self, published: list[dict], keys: dict, start: dict | None = None) -> chain.Verification:
         """The whole chain, or (`start`: a published head) the entries after it."""
