@@ -19,10 +19,20 @@ def _bin(name: str) -> str:
     return found[-1]
 
 
+_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and never handed out before by this process. Ports are chosen before their
+    services bind them, and the system may offer a just-released one again: the Celery deployment's
+    API server once got the port its PostgreSQL server, started in between, had bound."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class PostgresServer:
