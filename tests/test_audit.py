@@ -77,6 +77,28 @@ def test_the_trail_is_read_by_pages_each_entry_once_in_order(trail):
     assert list(store.entries_in_order(after=7, batch_size=2)) == []
 
 
+def test_a_long_trail_is_checked_a_stretch_per_process(trail, retention_home, monkeypatch):
+    """Stretches of at least STRETCH entries, at most one per process: the first checked in this
+    process, the others each in one of its own; joined, they give one check's verdict."""
+    monkeypatch.setattr(AuditStore, "STRETCH", 2)
+    store = AuditStore.open(create=False)
+    seq = chain.STORED_FIELDS.index("seq")
+    stretches = list(store._checked(-1, 0, set(), processes=3))
+    assert [(s.first[seq], s.seq, s.entries, s.problem) for s in stretches] == [(1, 2, 2, None), (3, 4, 2, None),
+                                                                               (5, 7, 3, None)]
+    published, keys = read_published_heads([retention_home / "runs"]), all_keys()
+    whole = store.verify(published, keys, processes=1)
+    assert whole.ok and whole.heads_checked == 1
+    assert store.verify(published, keys, processes=3).to_json() == whole.to_json()
+    sql(trail, "UPDATE retention_audit SET reason = 'kept' WHERE seq = 7")  # in the last stretch
+    result = store.verify(published, keys, processes=3)
+    assert not result.ok and result.first_bad["seq"] == 7 and "a field was changed" in result.problems[0]
+    sql(trail, "DELETE FROM retention_audit WHERE seq = 5")  # the first of the last stretch
+    result = store.verify(published, keys, processes=3)
+    assert not result.ok and result.first_bad["seq"] == 6 and "missing" in result.problems[0]
+    assert result.entries == 5
+
+
 def test_changed_field_is_detected(trail, retention_home):
     sql(trail, "UPDATE retention_audit SET reason = 'kept' WHERE seq = 3")
     result = verify(retention_home)

@@ -55,13 +55,55 @@ def test_times_equal_as_instants_but_written_with_other_offsets_keep_their_own_t
         assert linked(values) == expected_link("d" * 64, values)
 
 
-def test_chaining_then_verifying_tuples_as_the_store_returns_them():
-    entries = [entry(entry_id=f"{n:064x}", record_hash=f"{n:064x}") for n in range(5)]
+def chained(count: int) -> tuple[list[tuple], tuple]:
+    """`count` linked entries as the store returns them (tuples of STORED_FIELDS), and the head."""
+    entries = [entry(entry_id=f"{n:064x}", record_hash=f"{n:064x}") for n in range(count)]
     head = chain.chain(entries, 0, chain.GENESIS)
-    rows = [tuple(e[name] for name in chain.STORED_FIELDS) for e in entries]
-    assert chain.verify(rows, None, head, [], {}).ok
+    return [tuple(e[name] for name in chain.STORED_FIELDS) for e in entries], head
+
+
+def checked(rows: list[tuple], head: tuple, *cuts: int) -> chain.Verification:
+    """`verify` of `rows` checked in stretches cut before each of `cuts` (row positions)."""
+    bounds = [0, *cuts, len(rows)]
+    return chain.verify([chain.check(rows[low:high], set()) for low, high in zip(bounds, bounds[1:])],
+                        None, head, [], {})
+
+
+def test_chaining_then_verifying_tuples_as_the_store_returns_them():
+    rows, head = chained(5)
+    assert checked(rows, head).ok
     altered = list(rows[3])
     altered[chain.STORED_FIELDS.index("reason")] += "."
-    result = chain.verify(rows[:3] + [tuple(altered)] + rows[4:], None, head, [], {})
+    result = checked(rows[:3] + [tuple(altered)] + rows[4:], head)
     assert result.first_bad == {"seq": 4, "entry_id": f"{3:064x}"}
     assert "its content does not match its hash" in result.problems[0]
+
+
+def test_a_trail_checked_in_stretches_verifies_as_checked_whole():
+    """Stretches are checked apart (in processes of their own) and joined: wherever they are cut,
+    a trail, intact or tampered with, gets the verdict of one check from the first entry to the last."""
+    rows, head = chained(6)
+    seq, reason = chain.STORED_FIELDS.index("seq"), chain.STORED_FIELDS.index("reason")
+
+    def renumbered(row: tuple, number: int) -> tuple:
+        return row[:seq] + (number,) + row[seq + 1:]
+
+    forged = list(rows[2])
+    forged[0] = "f" * 64
+    forged = tuple(renumbered(tuple(forged), 4)[:-1]) + (chain._link(rows[2][-1], forged[:-1]),)
+    trails = {
+        "intact": rows,
+        "field changed": rows[:3] + [rows[3][:reason] + ("kept",) + rows[3][reason + 1:]] + rows[4:],
+        "deleted": rows[:2] + rows[3:],
+        "first deleted": rows[1:],
+        "swapped": rows[:1] + [renumbered(rows[2], 2), renumbered(rows[1], 3)] + rows[3:],
+        "repeated": rows[:3] + [rows[2]] + rows[3:],
+        "inserted": rows[:3] + [forged] + [renumbered(row, row[seq] + 1) for row in rows[3:]],
+    }
+    for name, trail in trails.items():
+        whole = checked(trail, head)
+        assert whole.ok == (name == "intact"), name
+        for cuts in [(cut,) for cut in range(1, len(trail))] + [(1, 2), (2, 4), (1, 3, 5), (3, 3)]:
+            split = checked(trail, head, *cuts)
+            assert (split.to_json(), split.first_bad, split.head_hash) == \
+                (whole.to_json(), whole.first_bad, whole.head_hash), (name, cuts)

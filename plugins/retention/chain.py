@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -119,14 +120,69 @@ class Verification:
                 "problems": self.problems}
 
 
-def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: list[dict],
+@dataclass
+class Stretch:
+    """What checking a run of consecutive entries found: joined by `verify` to the stretch before it,
+    which its first entry must follow."""
+    entries: int = 0  # checked, through the first that does not fit
+    first: tuple | None = None  # the first entry, None when there were none
+    seq: int = 0  # the last entry checked, and its hash
+    hash: str = GENESIS
+    problem: tuple | None = None  # (message, entry) of the first entry that does not fit
+    hashes: dict = field(default_factory=dict)  # {seq: hash} of the wanted entries
+
+
+def check(rows, wanted: set) -> Stretch:
+    """Check entries (`verify`'s rows) each against the one before, from the first on, which is taken
+    where it says it is; stop at the first that does not fit. Stretches of one trail are checked
+    apart (in processes of their own: checking is CPU bound) and joined by `verify`."""
+    stretch = Stretch()
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return stretch
+    stretch.first = tuple(first)  # sent back from the process that checked it
+    seq, prev = first[_SEQ] - 1, first[_PREV]
+    for row in itertools.chain([first], rows):
+        stretch.entries += 1
+        row_seq, entry_hash = row[_SEQ], row[-1]
+        if row_seq != seq + 1 or row[_PREV] != prev:
+            stretch.problem = (_misplaced(row, seq), tuple(row))
+        elif _link(prev, row[:-1]) != entry_hash:
+            stretch.problem = (f"entry seq {row_seq} (entry_id {row[0]}): its content does not match "
+                               "its hash (a field was changed)", tuple(row))
+        seq, prev = row_seq, entry_hash
+        if seq in wanted:
+            stretch.hashes[seq] = prev
+        if stretch.problem:
+            break
+    stretch.seq, stretch.hash = seq, prev
+    return stretch
+
+
+def _misplaced(row: tuple, seq: int) -> str:
+    """Why an entry does not follow the entry `seq`."""
+    if row[_SEQ] != seq + 1:
+        what = "missing (deleted)" if row[_SEQ] > seq + 1 else "repeated or out of order (inserted or moved)"
+        return f"entry seq {row[_SEQ]} (entry_id {row[0]}): expected seq {seq + 1}; entries are {what}"
+    return (f"entry seq {row[_SEQ]} (entry_id {row[0]}): does not follow the previous entry (an entry was "
+            "inserted, deleted or moved before it)")
+
+
+def wanted(published: list[dict]) -> set:
+    """The entries whose hashes `verify` compares with the published heads: only theirs are kept, so
+    memory stays flat over millions of entries."""
+    return {head["seq"] for head in published}
+
+
+def verify(stretches, checkpoint: dict | None, stored_head: tuple | None, published: list[dict],
            keys: dict, start: dict | None = None) -> Verification:
-    """Check a trail. `rows` are the entries ordered by seq (from `start` on, when given), each a
-    tuple of its STORED_FIELDS (millions of them: no dict per entry); `checkpoint`
-    the latest pruning checkpoint; `stored_head` (seq, hash) as the store says; `keys` maps key ids
-    to HMAC keys. `start`, a published head, verifies only the entries after it: the first of them
-    must follow the published hash, so a rewrite of anything before it is caught too; an entry
-    altered without rewriting the hashes after it is caught only by a full verification."""
+    """Check a trail. `stretches` are the `check`s of its entries in seq order (from `start` on, when
+    given), with the `wanted` hashes of `published`; `checkpoint` the latest pruning checkpoint;
+    `stored_head` (seq, hash) as the store says; `keys` maps key ids to HMAC keys. `start`, a
+    published head, verifies only the entries after it: the first of them must follow the published
+    hash, so a rewrite of anything before it is caught too; an entry altered without rewriting the
+    hashes after it is caught only by a full verification."""
     result = Verification()
     seq, prev = 0, GENESIS
     if checkpoint is not None:
@@ -143,24 +199,21 @@ def verify(rows, checkpoint: dict | None, stored_head: tuple | None, published: 
         seq, prev = start["seq"], start["entry_hash"]
         result.from_run = start["run_id"]
     floor = result.from_seq = seq
-    wanted = {head["seq"] for head in published}  # only these hashes are kept: memory stays flat
     by_seq: dict[int, str] = {seq: prev}
-    for row in rows:
-        result.entries += 1
-        row_seq, entry_hash = row[_SEQ], row[-1]
-        if row_seq != seq + 1:
-            what = "missing (deleted)" if row_seq > seq + 1 else "repeated or out of order (inserted or moved)"
-            result.fail(f"entry seq {row_seq} (entry_id {row[0]}): expected seq {seq + 1}; entries are {what}", row)
-        elif row[_PREV] != prev:
-            result.fail(f"entry seq {row_seq} (entry_id {row[0]}): does not follow the previous "
-                        "entry (an entry was inserted, deleted or moved before it)", row)
-        elif _link(prev, row[:-1]) != entry_hash:
-            result.fail(f"entry seq {row_seq} (entry_id {row[0]}): its content does not match "
-                        "its hash (a field was changed)", row)
-        seq, prev = row_seq, entry_hash
-        if seq in wanted:
-            by_seq[seq] = prev
-        if result.problems:
+    for stretch in stretches:
+        first = stretch.first
+        if first is None:
+            continue
+        if first[_SEQ] != seq + 1 or first[_PREV] != prev:  # the stretch does not follow the one before
+            result.entries += 1
+            result.fail(_misplaced(first, seq), first)
+            seq, prev = first[_SEQ], first[-1]
+            break
+        result.entries += stretch.entries
+        by_seq.update(stretch.hashes)
+        seq, prev = stretch.seq, stretch.hash
+        if stretch.problem:
+            result.fail(*stretch.problem)
             break
     result.head_seq, result.head_hash = seq, prev
     if result.problems:
