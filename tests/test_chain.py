@@ -88,9 +88,9 @@ def test_a_trail_checked_in_stretches_verifies_as_checked_whole():
     def renumbered(row: tuple, number: int) -> tuple:
         return row[:seq] + (number,) + row[seq + 1:]
 
-    forged = list(rows[2])
-    forged[0] = "f" * 64
-    forged = tuple(renumbered(tuple(forged), 4)[:-1]) + (chain._link(rows[2][-1], forged[:-1]),)
+    forged = dict(zip(chain.STORED_FIELDS, rows[2]), entry_id="f" * 64)  # well formed, following entry 3
+    chain.chain([forged], 3, rows[2][-1])
+    forged = tuple(forged[name] for name in chain.STORED_FIELDS)
     trails = {
         "intact": rows,
         "field changed": rows[:3] + [rows[3][:reason] + ("kept",) + rows[3][reason + 1:]] + rows[4:],
@@ -103,6 +103,7 @@ def test_a_trail_checked_in_stretches_verifies_as_checked_whole():
     for name, trail in trails.items():
         whole = checked(trail, head)
         assert whole.ok == (name == "intact"), name
+        assert name != "inserted" or whole.first_bad["seq"] == 5  # the entry after the forged one
         for cuts in [(cut,) for cut in range(1, len(trail))] + [(1, 2), (2, 4), (1, 3, 5), (3, 3)]:
             split = checked(trail, head, *cuts)
             assert (split.to_json(), split.first_bad, split.head_hash) == \
