@@ -460,7 +460,7 @@ class AuditStore:
         under the GIL): a first night's full verification took 20 to 26 s of a scale-1 run, the
         cores idle but one, the systems' steps done."""
         head = self.chain_head()[0]
-        parts = max(1, min(processes or len(os.sched_getaffinity(0)), (head - first) // self.STRETCH))
+        parts = max(1, min(processes or os.cpu_count() or 1, (head - first) // self.STRETCH))
         if parts == 1:
             yield chain.check(self.entries_in_order(after), wanted)
             return
