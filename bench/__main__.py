@@ -53,6 +53,7 @@ def main(argv=None) -> int:
                   f"  baseline    {result.baseline_seconds:8.1f} s  "
                   f"{result.examined / result.baseline_seconds:10,.0f} rows/s", flush=True)
             _steps("  ", result.engine_steps)
+            _cores("  ", result.engine_cores)
             _verdict("  ", result.ratio, result.mismatches)
             print(f"  next night (as of the day after): {result.night_actions:,} actions "
                   f"({result.night_baseline_actions:,} by the baseline)\n"
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
                   f"  CPU {result.night_cpu_seconds:,.1f} s\n"
                   f"    baseline    {result.night_baseline_seconds:8.1f} s", flush=True)
             _steps("    ", result.night_steps)
+            _cores("    ", result.night_cores)
             _verdict("    ", result.night_ratio, result.night_mismatches)
             floor = result.floor_outbox_seconds + result.floor_store_seconds
             print(f"  audit floor: the first night's {result.floor_entries:,} entries written again in SQL alone, "
@@ -87,6 +89,14 @@ def _steps(indent: str, steps: list) -> None:
     print(f"{indent}enforcement steps (seconds, of which CPU, peak RSS so far): " + ", ".join(
         f"{s['task_id']} {s['duration']:.1f} s cpu {s['cpu_seconds']:.1f} {s['peak_rss_mb']:,.0f} MB"
         for s in steps), flush=True)
+
+
+def _cores(indent: str, cores: dict) -> None:
+    print(f"{indent}cores busy (of {cores['cores']}, the databases' work included): {cores['busy']:.2f} on average, "
+          f"{cores['idle_core_seconds']:.1f} core-s idle (with every core busy, at most "
+          f"{cores['idle_core_seconds'] / cores['cores']:.1f} s less); one step running alone "
+          f"{cores['alone_seconds']:.1f} s at {cores['alone_busy']:.2f}; after the last step "
+          f"{cores['end_seconds']:.1f} s at {cores['end_busy']:.2f}", flush=True)
 
 
 def _verdict(indent: str, ratio: float, mismatches: list) -> None:

@@ -10,8 +10,9 @@ import sys
 import tempfile
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -40,6 +41,7 @@ class Result:
     engine_rss_mb: float = 0.0
     engine_cpu_seconds: float = 0.0  # of its process: the rest of its time it waited on the databases
     engine_steps: list = field(default_factory=list)  # the run's steps: time and peak memory so far
+    engine_cores: dict = field(default_factory=dict)  # how busy the machine's cores were (cores_busy)
     audit_entries: int = 0
     mismatches: list = field(default_factory=list)
     # The next night (as of the day after), on the end state of the first run: the nightly cost.
@@ -50,6 +52,7 @@ class Result:
     night_rss_mb: float = 0.0
     night_cpu_seconds: float = 0.0
     night_steps: list = field(default_factory=list)
+    night_cores: dict = field(default_factory=dict)
     night_mismatches: list = field(default_factory=list)
     # The first night's entries written again in SQL alone (entries_floor): what the audit costs at least.
     floor_entries: int = 0  # in the store's copy
@@ -101,9 +104,10 @@ def prepare(server, scale: float, seed: int, as_of: date) -> dict[str, dict[str,
 
 
 def run_engine(server, as_of: date, home: Path, batch_size: int | None = None,
-               workers: int = 1) -> tuple[dict, float, float, float]:
+               workers: int = 1) -> tuple[dict, float, float, float, dict]:
     """`retention run` in its own process, as an operator would; returns (summary, seconds, peak RSS
-    MB of the process and its workers together, CPU seconds of them all)."""
+    MB of the process and its workers together, CPU seconds of them all, how busy the machine's cores
+    were: `cores_busy`)."""
     env = dict(os.environ, RETENTION_HOME=str(home), RETENTION_AUDIT_KEY=AUDIT_KEY,
                RETENTION_RULES=str(ROOT / "retention_rules"),
                AIRFLOW_CONN_RETENTION_AUDIT=_libpq(server.url("audit")),
@@ -118,7 +122,7 @@ def run_engine(server, as_of: date, home: Path, batch_size: int | None = None,
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err, cwd=ROOT)
-        sampler = _TreeMemory(process.pid)
+        sampler = _Watch(process.pid)
         # wait4 gives this child's CPU with its workers' (reaped before it ends), and the largest
         # one process's peak RSS (kilobytes on Linux): the workers' sum is sampled meanwhile.
         _, status, usage = os.wait4(process.pid, 0)
@@ -130,16 +134,20 @@ def run_engine(server, as_of: date, home: Path, batch_size: int | None = None,
         stdout, stderr = out.read().decode(), err.read().decode()
     if process.returncode != 0:
         raise RuntimeError(f"retention run exited {process.returncode}:\n{stderr[-4000:]}")
-    return json.loads(stdout), seconds, max(usage.ru_maxrss / 1024, sampler.peak_mb), usage.ru_utime + usage.ru_stime
+    summary = json.loads(stdout)
+    return (summary, seconds, max(usage.ru_maxrss / 1024, sampler.peak_mb), usage.ru_utime + usage.ru_stime,
+            cores_busy(sampler.cpu, summary["steps"], os.cpu_count() or 1))
 
 
-class _TreeMemory:
-    """The peak of the summed RSS of a process and of its descendants running the same program
-    (its workers; not the browser that prints the report's PDF), sampled every 50 ms from Linux
-    /proc: with workers, no one process's peak says what the run needed at once."""
+class _Watch:
+    """Sampled every 50 ms from Linux /proc while a run lasts: the peak of the summed RSS of a process
+    and of its descendants running the same program (its workers; not the browser that prints the
+    report's PDF: with workers, no one process's peak says what the run needed at once), and the
+    machine's CPU counters (`cpu`: time, busy and total jiffies of all cores), which say where a core
+    idled."""
 
     def __init__(self, pid: int):
-        self.pid, self.peak_mb = pid, 0.0
+        self.pid, self.peak_mb, self.cpu = pid, 0.0, [_cpu_counters()]
         self.program = _program(pid)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -148,11 +156,51 @@ class _TreeMemory:
     def stop(self) -> None:
         self.done.set()
         self.thread.join()
+        self.cpu.append(_cpu_counters())
 
     def _sample(self) -> None:
         while not self.done.wait(0.05):
             same = [pid for pid in _tree(self.pid) if _program(pid) == self.program]
             self.peak_mb = max(self.peak_mb, sum(_rss_kb(pid) for pid in same) / 1024)
+            self.cpu.append(_cpu_counters())
+
+
+def _cpu_counters() -> tuple[float, int, int]:
+    """(time, busy jiffies, all jiffies) of all cores together, from /proc/stat's first line; guest
+    time is already counted in user time, so only the first eight fields are added."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle and iowait: a core waiting on a disk could do other work
+    return time.time(), sum(fields) - idle, sum(fields)
+
+
+def cores_busy(samples: list[tuple[float, int, int]], steps: list[dict], cores: int) -> dict:
+    """How many of the machine's cores were busy (anything on it, the databases included), on average:
+    over the whole run, while only one of its steps ran (the others' processes done or not started:
+    what a second worker could have taken), and after its last step (the run's end: verification,
+    report). `idle_core_seconds` over the whole run, halved on two cores, bounds what any better
+    spreading of the same work could save; the bench's machine runs nothing else."""
+    def busy(a: float, b: float) -> float:  # core-seconds busy between two times, from the nearest samples
+        i = min(bisect_left(times, a), len(samples) - 1)
+        j = max(bisect_right(times, b) - 1, i)
+        (t0, busy0, all0), (t1, busy1, all1) = samples[i], samples[j]
+        return (busy1 - busy0) / (all1 - all0) * cores * (t1 - t0) if all1 > all0 else 0.0
+
+    times = [s[0] for s in samples]
+    run_start, run_end = samples[0][0], samples[-1][0]
+    spans = [(datetime.fromisoformat(s["started"]).timestamp(), s["duration"]) for s in steps]
+    edges = sorted({t for start, seconds in spans for t in (start, start + seconds)})
+    alone = alone_busy = 0.0
+    for a, b in zip(edges, edges[1:]):
+        if sum(start <= a and b <= start + seconds for start, seconds in spans) == 1:
+            alone, alone_busy = alone + b - a, alone_busy + busy(a, b)
+    last = max((start + seconds for start, seconds in spans), default=run_end)
+    whole = run_end - run_start
+    total = busy(run_start, run_end)
+    return {"cores": cores, "seconds": whole, "busy": total / whole if whole else 0.0,
+            "idle_core_seconds": cores * whole - total,
+            "alone_seconds": alone, "alone_busy": alone_busy / alone if alone else 0.0,
+            "end_seconds": run_end - last,
+            "end_busy": busy(last, run_end) / (run_end - last) if run_end > last else 0.0}
 
 
 def _tree(pid: int) -> list[int]:
@@ -223,8 +271,8 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
     conninfo = {s: _libpq(server.url(f"base_{s}")) for s in SYSTEMS}
     next_day = as_of + timedelta(days=1)
     with tempfile.TemporaryDirectory(prefix="retention-bench-") as home:
-        summary, result.engine_seconds, result.engine_rss_mb, result.engine_cpu_seconds = run_engine(
-            server, as_of, Path(home), batch_size, workers)
+        summary, result.engine_seconds, result.engine_rss_mb, result.engine_cpu_seconds, result.engine_cores = \
+            run_engine(server, as_of, Path(home), batch_size, workers)
         result.examined = sum(summary["actions"].values())
         result.engine_actions = _applied(summary)
         result.audit_entries = summary["audit_entries_total"]
@@ -234,8 +282,8 @@ def run_scale(server, scale: float, seed: int, as_of: date, batch_size: int | No
         result.baseline_seconds = time.perf_counter() - started
         result.mismatches = compare(checksums(server, "engine"), checksums(server, "base"))
 
-        summary, result.night_engine_seconds, result.night_rss_mb, result.night_cpu_seconds = run_engine(
-            server, next_day, Path(home), batch_size, workers)
+        summary, result.night_engine_seconds, result.night_rss_mb, result.night_cpu_seconds, result.night_cores = \
+            run_engine(server, next_day, Path(home), batch_size, workers)
         result.night_actions = _applied(summary)
         result.night_steps = summary["steps"]
     started = time.perf_counter()

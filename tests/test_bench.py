@@ -4,9 +4,11 @@ never asserted here."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, timezone
 
-from bench.harness import run_scale
+import pytest
+
+from bench.harness import cores_busy, run_scale
 
 
 def test_enforcement_and_hand_written_sql_leave_the_same_sources(postgres):
@@ -27,3 +29,31 @@ def test_enforcement_and_hand_written_sql_leave_the_same_sources(postgres):
     # Each night's steps are printed: where the nightly time goes.
     for steps in (result.engine_steps, result.night_steps):
         assert {"marketing.extract", "crm.decide", "accounting.apply"} <= {s["task_id"] for s in steps}
+    # And how busy the cores were, over the run's own time: the legal holds run alone, the
+    # verification and the report after the last step.
+    for cores, seconds in ((result.engine_cores, result.engine_seconds),
+                           (result.night_cores, result.night_engine_seconds)):
+        assert 0 < cores["busy"] <= cores["cores"]
+        assert cores["seconds"] == pytest.approx(seconds, abs=0.5)
+        assert 0 < cores["alone_seconds"] and 0 < cores["end_seconds"]
+        assert cores["alone_seconds"] + cores["end_seconds"] < cores["seconds"]
+
+
+def test_cores_busy_splits_the_run_where_one_step_ran_alone_and_after_the_last():
+    # Two cores, one sample a second: both busy while two steps run (0-4 s), one while the longer
+    # step runs alone (4-6 s), one and a half at the run's end (6-10 s).
+    rates = [2, 2, 2, 2, 1, 1, 1.5, 1.5, 1.5, 1.5]
+    samples, busy = [(1000.0, 0, 0)], 0
+    for second, rate in enumerate(rates, 1):
+        busy += round(rate * 100)
+        samples.append((1000.0 + second, busy, second * 200))
+
+    def step(start: float, seconds: float) -> dict:
+        return {"started": datetime.fromtimestamp(1000 + start, timezone.utc).isoformat(timespec="milliseconds"),
+                "duration": seconds}
+
+    cores = cores_busy(samples, [step(0, 6), step(0, 4)], 2)
+    assert cores["seconds"] == 10 and cores["busy"] == pytest.approx(1.6)
+    assert cores["idle_core_seconds"] == pytest.approx(4.0)
+    assert cores["alone_seconds"] == pytest.approx(2.0) and cores["alone_busy"] == pytest.approx(1.0)
+    assert cores["end_seconds"] == pytest.approx(4.0) and cores["end_busy"] == pytest.approx(1.5)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import select
@@ -869,11 +869,13 @@ def execute(rules: Rules, run: Run, use_airflow: bool = False, progress: Progres
 def _step(steps: list, task_id: str, function: Callable, *args):
     """Runs one step and records, under the Airflow task's name, its time, the CPU time this
     process spent in it (the rest of the time it waited, mostly on a database), the process and
-    its peak memory so far: which step raised a process's peak is where memory went."""
-    started, cpu = time.monotonic(), time.process_time()
+    its peak memory so far: which step raised a process's peak is where memory went. Its start (UTC)
+    places it beside the steps of other processes on one timeline."""
+    at, started, cpu = datetime.now(timezone.utc), time.monotonic(), time.process_time()
     result = function(*args)
     _give_back_free_memory()
-    steps.append({"task_id": task_id, "state": "success", "duration": round(time.monotonic() - started, 3),
+    steps.append({"task_id": task_id, "state": "success", "started": at.isoformat(timespec="milliseconds"),
+                  "duration": round(time.monotonic() - started, 3),
                   "cpu_seconds": round(time.process_time() - cpu, 3), "process": os.getpid(),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     log.info("step %s: %.1f s, peak memory so far %.0f MB", task_id, steps[-1]["duration"], steps[-1]["peak_rss_mb"])
