@@ -93,10 +93,10 @@ def _steps(indent: str, steps: list) -> None:
 
 def _cores(indent: str, cores: dict) -> None:
     print(f"{indent}cores busy (of {cores['cores']}, the databases' work included): {cores['busy']:.2f} on average, "
-          f"{cores['idle_core_seconds']:.1f} core-s idle (with every core busy, at most "
-          f"{cores['idle_core_seconds'] / cores['cores']:.1f} s less); one step running alone "
-          f"{cores['alone_seconds']:.1f} s at {cores['alone_busy']:.2f}; after the last step "
-          f"{cores['end_seconds']:.1f} s at {cores['end_busy']:.2f}", flush=True)
+          f"{cores['idle_core_seconds']:.1f} core-s idle\n"
+          f"{indent}  (all busy: at most {cores['idle_core_seconds'] / cores['cores']:.1f} s less); "
+          f"one step alone {cores['alone_seconds']:.1f} s at {cores['alone_busy']:.2f}; "
+          f"after the last step {cores['end_seconds']:.1f} s at {cores['end_busy']:.2f}", flush=True)
 
 
 def _verdict(indent: str, ratio: float, mismatches: list) -> None:
